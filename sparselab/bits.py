@@ -52,6 +52,6 @@ def unpack_bits(words: np.ndarray, n_neurons: int) -> np.ndarray:
 def popcount(words: np.ndarray) -> np.ndarray:
     """Number of set bits along the last axis of a uint64 word array."""
     words = np.ascontiguousarray(words, dtype=np.uint64)
-    return _BYTE_POPCOUNT[words.view(np.uint8)].reshape(words.shape[:-1] + (-1,)).sum(
-        axis=-1, dtype=np.int64
-    )
+    # the uint8 view already has shape [..., 8 * w]; no reshape (a -1 reshape fails when
+    # another axis is empty, e.g. masks of zero tokens)
+    return _BYTE_POPCOUNT[words.view(np.uint8)].sum(axis=-1, dtype=np.int64)

@@ -45,6 +45,12 @@ class Masks:
                 f"bits has {bits.shape[2]} words per mask, {self.n_neurons} neurons need "
                 f"{n_words(self.n_neurons)}"
             )
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must be distinct, got {list(self.layers)}")
+        tail = self.n_neurons % 64
+        if tail and bits.size and (bits[..., -1] >> np.uint64(tail)).any():
+            # bits past the last neuron would silently inflate counts() and density()
+            raise ValueError(f"bits has set bits past neuron {self.n_neurons - 1}")
         for name in ("seq_ids", "positions"):
             arr = np.asarray(getattr(self, name), dtype=np.int64)
             if arr.shape != (bits.shape[1],):

@@ -87,8 +87,11 @@ class TopK(Rule):
     keep: float = 0.5
 
     def __post_init__(self) -> None:
-        if not self.keep > 0:
-            raise ValueError(f"keep must be a fraction in (0, 1] or a count > 1, got {self.keep}")
+        # a count must be whole: TopK(keep=2.5) would silently keep 2
+        if not self.keep > 0 or (self.keep > 1 and self.keep != int(self.keep)):
+            raise ValueError(
+                f"keep must be a fraction in (0, 1] or a whole count > 1, got {self.keep}"
+            )
 
     def mask(self, values: torch.Tensor, layer: int) -> torch.Tensor:
         n = values.shape[-1]

@@ -1,0 +1,1 @@
+"""Helpers for sparselab's own tests (a real JupyterLab driven by headless Chromium)."""

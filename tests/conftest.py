@@ -1,0 +1,22 @@
+"""Shared fixtures: the real embedded model and a small trace of it, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32, eval mode."""
+    import sparselab as sl
+
+    return sl.load_model()
+
+
+@pytest.fixture(scope="session")
+def small_trace(real_model):
+    """A trace of the real model on 8 corpus passages, 64 tokens each (512 tokens)."""
+    import sparselab as sl
+
+    model, tokenizer = real_model
+    return sl.record(model, tokenizer, sl.load_corpus(n=8), max_length=64, progress=False)
