@@ -1,9 +1,12 @@
 # sparselab: `make demo` and `make test` set everything up from a bare Python 3.11 + C compiler.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+ifndef PYTHON
+PYTHON := $(shell command -v python3.11 || command -v python3)
+endif
 VENV   := .venv
 BIN    := $(VENV)/bin
 # this machine keeps the CPU torch wheel in /opt/wheels; elsewhere PyPI serves it
 FIND_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+export PATH := $(abspath $(BIN)):$(PATH)
 PIP    := $(BIN)/python -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.sparselab-installed
 BUILT  := sparselab/_fast/.built
