@@ -8,17 +8,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 from sparselab import _fast, bits
 
 SETTINGS = settings(deadline=None, max_examples=60)
 
 neuron_counts = st.sampled_from([1, 5, 63, 64, 65, 127, 128, 129, 200, 300])
+ROWS = st.integers(1, 4)
 
 
 @st.composite
-def bool_masks(draw, rows=st.integers(1, 4)):
+def bool_masks(draw, rows=ROWS):
     n = draw(neuron_counts)
     r = draw(rows)
     p = draw(st.sampled_from([0.0, 0.05, 0.5, 0.95, 1.0]))

@@ -240,6 +240,9 @@ def xor_diff(old_words, new_words) -> tuple[np.ndarray, np.ndarray]:
         >>> added.tolist(), removed.tolist()
         ([2], [0])
     """
+    fast = _masks.xor_diff_fast(old_words, new_words)
+    if fast is not None:
+        return fast
     old = _word_array(old_words, "old_words", (1,))
     new = _word_array(new_words, "new_words", (1,))
     if old.shape != new.shape:
@@ -257,6 +260,9 @@ def union(words_2d) -> np.ndarray:
         >>> union(pack(np.array([[1, 0, 0], [0, 0, 1]], bool))).tolist()
         [5]
     """
+    fast = _masks.union_fast(words_2d)
+    if fast is not None:
+        return fast
     arr = _word_array(words_2d, "words_2d", (2,))
     out = np.empty(arr.shape[1], dtype=np.uint64)
     _masks.union_into(arr, out)
@@ -323,8 +329,10 @@ class WeightCache:
     * ``"transpose"`` (default): one contiguous ``down.t()`` copy ``[I, H]`` is made at
       construction (``I * H`` elements: the one extra cost, counted in ``extra_bytes``);
       entering neurons are then three contiguous row copies;
-    * ``"columns"``: columns are gathered in place from ``down`` (no extra memory; an update
-      reads one cache line per element of each entering down column, see the benchmark).
+    * ``"columns"``: columns are gathered in place from ``down`` (no extra memory; but an
+      update reads one cache line per element of each entering down column: at the 3B
+      shapes it measured 5-15x slower than ``"transpose"``, e.g. 9.8 ms vs 0.9 ms for 123
+      swapped neurons, see experiments/results/bench_kernels.md).
 
     Passing ``down_t=`` ``[I, H]`` (already transposed, contiguous) avoids both.
 
