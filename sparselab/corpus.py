@@ -24,6 +24,23 @@ def _paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in parts if p.strip()]
 
 
+def _drop_repeats(paragraphs: list[str], min_len: int = 80) -> list[str]:
+    """Drop paragraphs that repeat an earlier one (keeping short boilerplate like "Note:").
+
+    Several pydoc topics share whole sections (the data-model pages appear under more than
+    one key); without this ~10 % of passages are exact copies and any train / held-out
+    split leaks text between its parts.
+    """
+    seen: set[str] = set()
+    out = []
+    for para in paragraphs:
+        if len(para) >= min_len and para in seen:
+            continue
+        seen.add(para)
+        out.append(para)
+    return out
+
+
 def _passages(paragraphs: list[str], min_chars: int, max_chars: int) -> list[str]:
     """Greedily join paragraphs into passages of at least ``min_chars`` characters."""
     passages, current = [], ""
@@ -46,12 +63,15 @@ def load_corpus(
 ) -> list[str]:
     """Passages of English text, deterministic.
 
-        >>> texts = sl.load_corpus()                  # pydoc topics, ~1k passages
+        >>> texts = sl.load_corpus()                  # pydoc topics, ~450 passages
         >>> texts = sl.load_corpus("notes.txt", n=20) # your own text file
 
     ``name`` is ``"pydoc"`` or a path to a UTF-8 text file (split on blank lines).
-    ``n`` keeps the first ``n`` passages.
+    ``n`` keeps the first ``n`` passages. Paragraphs repeating an earlier one are dropped,
+    so no two passages share a long paragraph.
     """
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0 (or None for all passages), got {n}")
     if str(name) == "pydoc":
         from pydoc_data.topics import topics
 
@@ -63,20 +83,27 @@ def load_corpus(
                 f"corpus {str(name)!r} is neither a known corpus {CORPORA} nor a text file"
             )
         paragraphs = _paragraphs(path.read_text(encoding="utf-8"))
-    passages = _passages(paragraphs, min_chars, max_chars)
+    passages = _passages(_drop_repeats(paragraphs), min_chars, max_chars)
     if not passages:
         raise ValueError(f"corpus {str(name)!r} holds no text")
     return passages[:n] if n is not None else passages
 
 
 def split(texts: list[str], held_out: float = 0.25) -> tuple[list[str], list[str]]:
-    """Deterministic train / held-out split: every k-th passage is held out.
+    """Deterministic train / held-out split: passages are held out at evenly spaced indices.
+
+        >>> train, held_out = split(texts, held_out=0.25)    # every 4th passage held out
 
     Interleaving (rather than a head/tail cut) keeps both parts drawn from all topics.
+    Passage ``i`` is held out when ``floor((i + 1) * held_out)`` steps up, so any fraction
+    (not only 1/k) is honoured to within one passage.
     """
     if not 0.0 < held_out < 1.0:
         raise ValueError(f"held_out must be in (0, 1), got {held_out}")
-    step = max(2, round(1.0 / held_out))
-    test = [t for i, t in enumerate(texts) if i % step == step - 1]
-    train = [t for i, t in enumerate(texts) if i % step != step - 1]
+    eps = 1e-9  # so that e.g. 0.29 * 100 counts as 29, not 28.999...
+    held = [
+        int((i + 1) * held_out + eps) > int(i * held_out + eps) for i in range(len(texts))
+    ]
+    test = [t for t, h in zip(texts, held, strict=True) if h]
+    train = [t for t, h in zip(texts, held, strict=True) if not h]
     return train, test

@@ -267,11 +267,6 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     hf_act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
     if model_type == "gemma" and getattr(config, "hidden_activation", None) is None:
         hf_act = "gelu_pytorch_tanh"  # Gemma 1 always runs the tanh approximation
-    if hf_act not in _HF_ACTIVATIONS:
-        raise UnsupportedModelError(
-            f"activation {hf_act!r} of {type(model).__name__} is not supported; known: "
-            f"{', '.join(sorted(_HF_ACTIVATIONS))}"
-        )
     layers = []
     for i, layer in enumerate(_decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
@@ -281,7 +276,39 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
                 f"layer {i} of {type(model).__name__} has no gated MLP with {needed}"
             )
         layers.append(LayerMLP(i, layer, mlp, layer.input_layernorm, fused))
-    return ModelAdapter(model_type, _HF_ACTIVATIONS[hf_act], tuple(layers))
+    # the MLP module is the truth: which config field Gemma reads (hidden_act or
+    # hidden_activation) has changed between transformers versions
+    activation = _probe_activation(layers[0].mlp) if layers else None
+    if activation is None and hf_act in _HF_ACTIVATIONS:
+        activation = _HF_ACTIVATIONS[hf_act]
+    if activation not in ACTIVATIONS:
+        mlp = layers[0].mlp if layers else None
+        act_module = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+        config_act = getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
+        raise UnsupportedModelError(
+            f"the MLP activation of {type(model).__name__} ({type(act_module).__name__}, "
+            f"config: {config_act!r}) is not supported; sparselab knows: "
+            f"{', '.join(ACTIVATIONS)} (HF names: {', '.join(sorted(_HF_ACTIVATIONS))})"
+        )
+    return ModelAdapter(model_type, activation, tuple(layers))
+
+
+def _probe_activation(mlp: nn.Module) -> str | None:
+    """Name of the activation ``mlp`` really applies, found by evaluating it on a grid.
+
+    ``None`` when the module has no activation attribute to probe; ``"unknown"`` when it
+    matches none of :data:`ACTIVATIONS` (exact GELU and its tanh form differ by ~5e-4).
+    """
+    fn = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    if not callable(fn):
+        return None
+    x = torch.linspace(-6.0, 6.0, 241)
+    with torch.no_grad():
+        y = fn(x)
+    for name, ref in ACTIVATIONS.items():
+        if torch.allclose(y, ref(x), rtol=0.0, atol=1e-5):
+            return name
+    return "unknown"
 
 
 def model_identity(model: nn.Module) -> dict:

@@ -295,18 +295,23 @@ def record(
     if not texts:
         raise ValueError("texts is empty")
     device = next(model.parameters()).device
-    tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     batches = range(0, len(texts), batch_size)
-    with Recorder(model, layers=layers, store=store, dtype=dtype, tokenizer=tokenizer) as rec:
-        with torch.no_grad():
-            for start in tqdm(batches, desc="recording", unit="batch", disable=not progress):
-                batch = tokenizer(
-                    list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                    truncation=True, max_length=max_length,
-                ).to(device)
-                model(**batch, use_cache=False)
+    # right padding for plain forwards, but the caller's tokenizer (often set to left
+    # padding for generate) must come back unchanged
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    try:
+        with Recorder(model, layers=layers, store=store, dtype=dtype, tokenizer=tokenizer) as rec:
+            with torch.no_grad():
+                for start in tqdm(batches, desc="recording", unit="batch", disable=not progress):
+                    batch = tokenizer(
+                        list(texts[start : start + batch_size]), return_tensors="pt",
+                        padding=True, truncation=True, max_length=max_length,
+                    ).to(device)
+                    model(**batch, use_cache=False)
+    finally:
+        tokenizer.padding_side = padding_side
     trace = rec.trace
     trace.meta["record"] = {"max_length": max_length, "batch_size": batch_size, "n_texts": len(texts)}
     return trace

@@ -218,7 +218,10 @@ class Trace:
 
         path = Path(path)
         header = _read_header(path)
-        tensors = load_file(str(path))
+        try:
+            tensors = load_file(str(path))
+        except Exception as err:  # safetensors' own error type for bad offsets or dtypes
+            raise TraceFileError(f"{path} is a corrupted sparselab trace: {err}") from err
         arrays = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("array.")}
         tokens = {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("token.")}
         missing = [f for f in TOKEN_FIELDS if f not in tokens]
@@ -258,11 +261,21 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise TraceFileError(f"{path} is not a sparselab trace (unreadable header)") from err
     try:
         meta = json.loads(header["__metadata__"][FORMAT])
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise TypeError
     except (KeyError, TypeError, json.JSONDecodeError):
         raise TraceFileError(
             f"{path} is a safetensors file but not a sparselab trace (no {FORMAT!r} metadata)"
         ) from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise TraceFileError(
+            f"{path} is not a sparselab trace (malformed safetensors header)"
+        ) from None
     if 8 + n + end > size:
         raise TraceFileError(
             f"{path} is truncated: {size} bytes on disk, {8 + n + end} expected"
