@@ -111,11 +111,12 @@ def layer_threshold(magnitudes: torch.Tensor, density: float) -> float:
     The ``(1 - density)`` quantile taken as an order statistic (no interpolation), so
     ``(magnitudes > t).mean()`` equals ``density`` up to ties.
     """
-    flat = magnitudes.reshape(-1).float()
-    drop = int(round((1.0 - density) * flat.numel()))
+    flat = magnitudes.reshape(-1).float().cpu().numpy()
+    drop = int(round((1.0 - density) * flat.size))
     if drop <= 0:
         return float("-inf")
-    return float(flat.kthvalue(drop).values)
+    # numpy's introselect is several times faster than torch.kthvalue on millions of values
+    return float(np.partition(flat, drop - 1)[drop - 1])
 
 
 @dataclass(frozen=True)

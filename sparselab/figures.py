@@ -1,0 +1,491 @@
+"""Plotly figures of sparsity metrics: DataFrames (or arrays) in, ``go.Figure`` out.
+
+    >>> masks = trace.masks(sl.rules.Calibrated(density=0.5))
+    >>> sl.figures.density_by_layer(sl.metrics.density(masks)).show()
+    >>> sl.figures.token_heatmap(masks, layer=10, pieces=trace.pieces).show()
+
+Figure functions only reshape what :mod:`sparselab.metrics` computed (group means,
+filtering, sorting columns for display); they never touch a model. All share one look:
+template :data:`TEMPLATE`, a title, labelled axes, layers coloured along one colour scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import sample_colorscale
+from plotly.subplots import make_subplots
+
+from sparselab.masks import Masks
+
+__all__ = [
+    "TEMPLATE",
+    "activation_magnitude_by_layer",
+    "batch_union_curves",
+    "churn_over_tokens",
+    "density_by_layer",
+    "neuron_frequency_cdf",
+    "token_heatmap",
+    "unstyled",
+    "window_reuse_curves",
+]
+
+TEMPLATE = "plotly_white"
+LAYER_SCALE = "Viridis"
+ACTIVE_COLOR = "#1f4e99"
+BASELINE_DASH = "dash"
+HIGHLIGHT_COLOR = "#d62728"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+# Applying a template deep-copies and validates it (~0.1 s a figure). A dashboard that
+# copies fresh figures' data into widgets already styled skips it, see `unstyled()`.
+_STYLED: ContextVar[bool] = ContextVar("sparselab_figures_styled", default=True)
+
+
+@contextmanager
+def unstyled() -> Iterator[None]:
+    """Build figures without the template (fast), for in-place updates of styled widgets.
+
+        >>> with sl.figures.unstyled():
+        ...     fresh = sl.figures.churn_over_tokens(df, layer=3)
+    """
+    token = _STYLED.set(False)
+    try:
+        yield
+    finally:
+        _STYLED.reset(token)
+
+
+def _figure(title: str, x_title: str, y_title: str, height: int = 420, **layout: Any) -> go.Figure:
+    # one Layout construction (plotly validates per call, so fewer calls is faster)
+    spec: dict[str, Any] = {
+        "title": {"text": title},
+        "xaxis": {"title": {"text": x_title}},
+        "yaxis": {"title": {"text": y_title}},
+        "height": height,
+        "margin": {"l": 70, "r": 30, "t": 60, "b": 60},
+        **layout,
+    }
+    spec["template"] = _template()
+    return go.Figure(layout=spec)
+
+
+def _template() -> str | dict:
+    # an empty template also skips plotly's default one (validated on every figure)
+    return TEMPLATE if _STYLED.get() else {}
+
+
+def _hline(y: float, text: str) -> dict[str, list[dict[str, Any]]]:
+    """Layout entries for a dashed horizontal reference line across the plot."""
+    return {
+        "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y,
+                    "line": {"dash": BASELINE_DASH, "color": "gray", "width": 1}}],
+        "annotations": [{"xref": "paper", "x": 0, "yref": "y", "y": y, "text": text, "showarrow": False,
+                         "xanchor": "left", "yanchor": "bottom", "font": {"color": "gray"}}],
+    }
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"{what} expects a pandas DataFrame, got {type(df).__name__}")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs columns {missing}; got {list(df.columns)}")
+
+
+def _layers(df: pd.DataFrame, layers: Sequence[int] | None) -> list[int]:
+    present = sorted(int(x) for x in df["layer"].unique())
+    if layers is None:
+        return present
+    unknown = [x for x in layers if x not in present]
+    if unknown:
+        raise ValueError(f"layers {unknown} not in the frame (layers: {present})")
+    return [int(x) for x in layers]
+
+
+def _layer_colors(layers: Sequence[int]) -> dict[int, str]:
+    if len(layers) == 1:
+        return {layers[0]: ACTIVE_COLOR}
+    points = np.linspace(0.0, 0.9, len(layers))  # the top of Viridis is too pale on white
+    return dict(zip(layers, sample_colorscale(LAYER_SCALE, list(points)), strict=True))
+
+
+def _one_layer(df: pd.DataFrame, layer: int | None, what: str) -> int:
+    present = sorted(int(x) for x in df["layer"].unique())
+    if layer is not None and df.empty:
+        return int(layer)
+    if layer is None:
+        if len(present) != 1:
+            raise ValueError(f"{what}: the frame holds layers {present}; pick one with layer=")
+        return present[0]
+    if int(layer) not in present:
+        raise ValueError(f"{what}: layer {layer} not in the frame (layers: {present})")
+    return int(layer)
+
+
+def _piece_label(piece: Any) -> str:
+    text = str(piece).replace("\n", "\u23ce").replace("\t", "\u21e5")
+    return text if len(text) <= 14 else text[:13] + "\u2026"
+
+
+# ----------------------------------------------------------------------------- density
+
+
+def density_by_layer(
+    df: pd.DataFrame,
+    target: float | None = None,
+    highlight: int | None = None,
+    title: str = "Density by layer",
+) -> go.Figure:
+    """Mean share of active neurons per layer (bars, with the spread over tokens).
+
+        >>> sl.figures.density_by_layer(sl.metrics.density(masks), target=0.5)
+
+    ``df``: per-token frame of :func:`sparselab.metrics.density` (mean and std over
+    tokens are shown) or any per-layer frame with ``layer`` and ``density`` (e.g.
+    :func:`sparselab.metrics.summary`). With a ``rule`` column, one bar group per rule.
+    ``target`` draws a horizontal reference line; ``highlight`` colours one layer's bar.
+    """
+    _require(df, ["layer", "density"], "density_by_layer")
+    groups = list(df.groupby("rule", sort=False)) if "rule" in df.columns else [(None, df)]
+    extra = _hline(float(target), f"target {target:g}") if target is not None else {}
+    fig = _figure(title, "layer", "density (share of neurons active)", height=360, barmode="group",
+                  showlegend=len(groups) > 1, **extra)
+    fig.update_yaxes(range=[0, 1.02])
+    for name, part in groups:
+        stats = part.groupby("layer").density.agg(["mean", "std", "size"]).sort_index()
+        spread = stats["std"].fillna(0.0).to_numpy() if stats["size"].max() > 1 else None
+        colors: Any = ACTIVE_COLOR
+        if highlight is not None and name is None:
+            colors = [HIGHLIGHT_COLOR if int(x) == int(highlight) else ACTIVE_COLOR for x in stats.index]
+        fig.add_trace(
+            go.Bar(
+                x=stats.index.to_numpy(),
+                y=stats["mean"].to_numpy(),
+                error_y=None if spread is None else {"type": "data", "array": spread, "thickness": 1},
+                marker_color=None if name is not None else colors,
+                name="density" if name is None else str(name),
+                hovertemplate="layer %{x}<br>density %{y:.3f}<extra></extra>",
+            )
+        )
+    return fig
+
+
+# ----------------------------------------------------------------------------- heatmap
+
+
+def token_heatmap(
+    masks_or_bool: Masks | np.ndarray,
+    layer: int | None = None,
+    pieces: Sequence[str] | None = None,
+    max_tokens: int = 96,
+    max_neurons: int = 256,
+    neurons: str | np.ndarray = "frequency",
+    title: str | None = None,
+) -> go.Figure:
+    """Token x neuron picture of one layer's mask: rows are tokens, labelled by their text.
+
+        >>> sl.figures.token_heatmap(masks, layer=10, pieces=trace.pieces)
+        >>> sl.figures.token_heatmap(bool_array, layer=10, neurons=np.arange(128))
+
+    ``masks_or_bool``: a :class:`sparselab.Masks` (then ``layer`` picks the layer) or a
+    bool array ``[tokens, neurons]`` of one layer (``layer`` is then only a label).
+    The first ``max_tokens`` tokens are shown. Columns: ``neurons="frequency"`` sorts
+    the neurons by how often they fire among the shown tokens (hottest left) and keeps
+    ``max_neurons`` of them evenly spread over that ranking, so the picture spans hot to
+    cold neurons; ``"index"`` does the same in neuron order; an index array shows
+    exactly those neurons in that order (a fixed order keeps the picture stable while
+    a dashboard changes the rule).
+    """
+    if isinstance(masks_or_bool, Masks):
+        if layer is None:
+            if masks_or_bool.n_layers != 1:
+                raise ValueError(f"pick a layer with layer= (masks hold {list(masks_or_bool.layers)})")
+            layer = masks_or_bool.layers[0]
+        dense = masks_or_bool.layer(layer)
+    else:
+        dense = np.asarray(masks_or_bool)
+        if dense.ndim != 2:
+            raise ValueError(f"expected a bool array [tokens, neurons], got shape {dense.shape}")
+        dense = dense.astype(bool, copy=False)
+    if max_tokens < 1 or max_neurons < 1:
+        raise ValueError(f"max_tokens and max_neurons must be >= 1, got {max_tokens}, {max_neurons}")
+    if pieces is not None and len(pieces) < dense.shape[0]:
+        raise ValueError(f"{len(pieces)} text pieces for {dense.shape[0]} tokens")
+    rows = dense[:max_tokens]
+    n_neurons = dense.shape[1]
+    if isinstance(neurons, str):
+        if neurons == "frequency":
+            ranking = np.argsort(-rows.sum(axis=0), kind="stable")
+        elif neurons == "index":
+            ranking = np.arange(n_neurons)
+        else:
+            raise ValueError(f"neurons must be 'frequency', 'index' or an index array, got {neurons!r}")
+        if n_neurons > max_neurons:
+            ranking = ranking[np.linspace(0, n_neurons - 1, max_neurons).round().astype(np.int64)]
+        how = "sorted by frequency" if neurons == "frequency" else "in index order"
+        step = "" if n_neurons <= max_neurons else f", 1 in {n_neurons / max_neurons:.3g} shown"
+        x_title = f"neuron ({how}{step})"
+    else:
+        ranking = np.asarray(neurons, dtype=np.int64)
+        if ranking.ndim != 1 or (ranking.size and (ranking.min() < 0 or ranking.max() >= n_neurons)):
+            raise ValueError(f"neuron indices must be a 1-d array within [0, {n_neurons})")
+        x_title = "neuron"
+    z = rows[:, ranking].astype(np.uint8)
+    token_labels = [
+        f"{i} {_piece_label(pieces[i])}" if pieces is not None else str(i) for i in range(len(rows))
+    ]
+    label = "" if layer is None else f", layer {layer}"
+    fig = _figure(
+        title or f"Active neurons per token{label}",
+        x_title,
+        "token",
+        height=max(360, min(900, 14 * len(rows) + 120)),
+        xaxis={"title": {"text": x_title}, "type": "category", "showticklabels": False},
+        yaxis={"title": {"text": "token"}, "type": "category", "autorange": "reversed",
+               "tickfont": {"size": 9}},
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=z,
+            x=[str(i) for i in ranking],
+            y=token_labels,
+            zmin=0,
+            zmax=1,
+            colorscale=[[0.0, "#f2f2f2"], [1.0, ACTIVE_COLOR]],
+            showscale=False,
+            hovertemplate="token %{y}<br>neuron %{x}<br>active %{z}<extra></extra>",
+        )
+    )
+    return fig
+
+
+# ----------------------------------------------------------------------------- churn
+
+
+def churn_over_tokens(
+    df: pd.DataFrame,
+    layer: int | None = None,
+    max_tokens: int | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Churn from each token to the next for one layer, next to the random-mask baseline.
+
+        >>> sl.figures.churn_over_tokens(sl.metrics.churn(masks), layer=10)
+
+    ``df``: frame of :func:`sparselab.metrics.churn`. x is the token index; the line
+    breaks at sequence boundaries (churn is never measured across them). The dashed
+    line is ``random_churn`` (independent masks of the same sizes) when present.
+    """
+    _require(df, ["layer", "token", "seq_id", "churn"], "churn_over_tokens")
+    layer = _one_layer(df, layer, "churn_over_tokens")
+    part = df[df["layer"] == layer].sort_values("token")
+    if max_tokens is not None:
+        part = part[part["token"] < max_tokens]
+    # a NaN row after each sequence makes plotly break the line there
+    blank = {c: np.nan for c in ("churn", "random_churn") if c in part.columns}
+    breaks = part.groupby("seq_id", sort=False).tail(1).assign(**blank)
+    breaks = breaks.assign(token=breaks["token"] + 0.5)
+    shown = pd.concat([part, breaks]).sort_values("token", kind="stable")
+    fig = _figure(
+        title or f"Churn between consecutive tokens, layer {layer}",
+        "token",
+        "churn (share of neurons changed)",
+        height=340,
+        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=shown["token"].to_numpy(),
+            y=shown["churn"].to_numpy(),
+            mode="lines",
+            name="churn",
+            line={"color": ACTIVE_COLOR, "width": 1.5},
+            connectgaps=False,
+            hovertemplate="token %{x}<br>churn %{y:.3f}<extra></extra>",
+        )
+    )
+    if "random_churn" in shown.columns:
+        fig.add_trace(
+            go.Scatter(
+                x=shown["token"].to_numpy(),
+                y=shown["random_churn"].to_numpy(),
+                mode="lines",
+                name="independent masks",
+                line={"color": "gray", "dash": BASELINE_DASH, "width": 1},
+                connectgaps=False,
+                hovertemplate="token %{x}<br>random %{y:.3f}<extra></extra>",
+            )
+        )
+    return fig
+
+
+# ----------------------------------------------------------------------------- curves
+
+
+def _curves_by_layer(
+    fig: go.Figure,
+    df: pd.DataFrame,
+    layers: list[int],
+    x: str,
+    y: str,
+    baseline: str | None,
+    baseline_name: str,
+    row: int | None = None,
+    col: int | None = None,
+    show_legend: bool = True,
+    error: str | None = None,
+) -> None:
+    colors = _layer_colors(layers)
+    where = {} if row is None else {"row": row, "col": col}
+    for layer in layers:
+        part = df[df["layer"] == layer].sort_values(x)
+        fig.add_trace(
+            go.Scatter(
+                x=part[x].to_numpy(),
+                y=part[y].to_numpy(),
+                mode="lines+markers" if len(part) <= 40 else "lines",
+                name=f"layer {layer}",
+                legendgroup=f"layer {layer}",
+                showlegend=show_legend,
+                line={"color": colors[layer]},
+                error_y=None if error is None else {"type": "data", "array": part[error].to_numpy()},
+                hovertemplate=f"layer {layer}<br>{x} %{{x}}<br>{y} %{{y:.3f}}<extra></extra>",
+            ),
+            **where,
+        )
+        if baseline is not None:
+            fig.add_trace(
+                go.Scatter(
+                    x=part[x].to_numpy(),
+                    y=part[baseline].to_numpy(),
+                    mode="lines",
+                    name=baseline_name,
+                    legendgroup=f"layer {layer}",
+                    showlegend=False,
+                    line={"color": colors[layer], "dash": BASELINE_DASH, "width": 1},
+                    hovertemplate=f"layer {layer}<br>{baseline_name}<br>%{{y:.3f}}<extra></extra>",
+                ),
+                **where,
+            )
+
+
+def window_reuse_curves(
+    df: pd.DataFrame, layers: Sequence[int] | None = None, title: str = "Windowed neuron reuse"
+) -> go.Figure:
+    """Footprint and newly loaded neurons vs window length (solid), random reuse (dashed).
+
+        >>> sl.figures.window_reuse_curves(sl.metrics.window_reuse(masks), layers=[0, 15, 29])
+
+    ``df``: frame of :func:`sparselab.metrics.window_reuse`. Left: share of neurons held by
+    a cache of the last ``k`` tokens; right: share of neurons loaded per token. Dashed
+    lines: independent masks of the same density.
+    """
+    needed = ["layer", "window", "footprint", "new_fraction", "random_footprint", "random_new_fraction"]
+    _require(df, needed, "window_reuse_curves")
+    layers = _layers(df, layers)
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("footprint of the last k tokens", "neurons newly loaded per token"),
+        horizontal_spacing=0.1,
+    )
+    _curves_by_layer(fig, df, layers, "window", "footprint", "random_footprint", "random reuse", 1, 1)
+    _curves_by_layer(fig, df, layers, "window", "new_fraction", "random_new_fraction", "random reuse",
+                     1, 2, show_legend=False)
+    fig.update_layout(template=_template(), title={"text": title + " (dashed: random masks, same density)"},
+                      height=420, margin={"l": 70, "r": 30, "t": 80, "b": 60})
+    fig.update_xaxes(type="log", title_text="window k (tokens)", dtick=np.log10(2))
+    fig.update_yaxes(title_text="footprint (share of neurons)", row=1, col=1)
+    fig.update_yaxes(title_text="new per token (share of neurons)", row=1, col=2)
+    return fig
+
+
+def neuron_frequency_cdf(
+    df: pd.DataFrame, layers: Sequence[int] | None = None, title: str = "Hot and cold neurons"
+) -> go.Figure:
+    """Share of activations covered by the most frequent neurons, per layer.
+
+        >>> sl.figures.neuron_frequency_cdf(sl.metrics.neuron_frequency(masks), layers=[0, 29])
+
+    ``df``: frame of :func:`sparselab.metrics.neuron_frequency`. The dotted diagonal is
+    what equally frequent neurons would give; the further above it, the more a few hot
+    neurons carry (PowerInfer).
+    """
+    _require(df, ["layer", "rank_fraction", "cum_share"], "neuron_frequency_cdf")
+    layers = _layers(df, layers)
+    fig = _figure(title, "share of neurons (most frequent first)", "share of activations covered")
+    _curves_by_layer(fig, df, layers, "rank_fraction", "cum_share", None, "")
+    fig.add_trace(
+        go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="uniform",
+                   line={"color": "gray", "dash": "dot", "width": 1}, hoverinfo="skip")
+    )
+    fig.update_xaxes(range=[0, 1])
+    fig.update_yaxes(range=[0, 1.01])
+    return fig
+
+
+def batch_union_curves(
+    df: pd.DataFrame, layers: Sequence[int] | None = None, title: str = "Density of the batch union"
+) -> go.Figure:
+    """Density of the union of ``B`` tokens' masks vs ``B`` (solid) and ``1-(1-p)^B`` (dashed).
+
+        >>> sl.figures.batch_union_curves(sl.metrics.batch_union(masks), layers=[0, 15, 29])
+
+    ``df``: frame of :func:`sparselab.metrics.batch_union`; error bars are the std over
+    the random batches.
+    """
+    _require(df, ["layer", "size", "union_density", "independent"], "batch_union_curves")
+    layers = _layers(df, layers)
+    fig = _figure(title + " (dashed: independent masks)", "batch size B (tokens)",
+                  "union density (share of neurons)")
+    error = "union_std" if "union_std" in df.columns else None
+    _curves_by_layer(fig, df, layers, "size", "union_density", "independent", "independent", error=error)
+    fig.update_xaxes(type="log", dtick=np.log10(2))
+    fig.update_yaxes(range=[0, 1.02])
+    return fig
+
+
+def activation_magnitude_by_layer(
+    data: pd.DataFrame | Any, title: str = "Activation magnitude |h| by layer"
+) -> go.Figure:
+    """Median ``|h|`` per layer with the 10-90 % band, log scale.
+
+        >>> sl.figures.activation_magnitude_by_layer(trace)
+        >>> sl.figures.activation_magnitude_by_layer(sl.metrics.activation_magnitude(trace))
+
+    ``data``: a frame of :func:`sparselab.metrics.activation_magnitude` or a trace (which
+    is summarised with it). A slope across layers is why one global threshold cannot fit
+    every layer.
+    """
+    if not isinstance(data, pd.DataFrame):
+        from sparselab.metrics import activation_magnitude
+
+        data = activation_magnitude(data)
+    _require(data, ["layer", "median"], "activation_magnitude_by_layer")
+    df = data.sort_values("layer")
+    fig = _figure(title, "layer", "|h|", height=360)
+    if {"q10", "q90"} <= set(df.columns):
+        x = df["layer"].to_numpy()
+        fig.add_trace(
+            go.Scatter(x=np.concatenate([x, x[::-1]]),
+                       y=np.concatenate([df["q90"].to_numpy(), df["q10"].to_numpy()[::-1]]),
+                       fill="toself", fillcolor="rgba(31,78,153,0.15)", line={"width": 0},
+                       name="10-90 %", hoverinfo="skip")
+        )
+    fig.add_trace(
+        go.Scatter(x=df["layer"].to_numpy(), y=df["median"].to_numpy(), mode="lines+markers",
+                   name="median", line={"color": ACTIVE_COLOR},
+                   hovertemplate="layer %{x}<br>median |h| %{y:.4f}<extra></extra>")
+    )
+    fig.update_yaxes(type="log")
+    return fig
