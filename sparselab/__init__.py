@@ -15,9 +15,11 @@ from typing import Any
 from sparselab import rules
 from sparselab._version import __version__, versions
 from sparselab.corpus import load_corpus
+from sparselab.evaluate import evaluate  # binds sl.evaluate to the function, not the module
 from sparselab.masks import Masks
 from sparselab.models import load_model
 from sparselab.record import Recorder, record
+from sparselab.sparse import SparseHandle, sparsify
 from sparselab.trace import Trace
 
 # submodules that import plotly/ipywidgets are loaded on first use, keeping `import
@@ -31,12 +33,15 @@ _LAZY_ATTRS = {
 __all__ = [
     "Masks",
     "Recorder",
+    "SparseHandle",
     "Trace",
     "__version__",
+    "evaluate",
     "load_corpus",
     "load_model",
     "record",
     "rules",
+    "sparsify",
     "versions",
 ]
 

@@ -20,8 +20,10 @@ by default; ``prefill="union"`` computes all prefill tokens with one union mask,
 ``prefill="per_token"`` applies each token's own mask in torch (what teacher-forced
 quality evaluation needs). The wrapper keeps the original ``gate_proj``/``up_proj``/
 ``down_proj`` as its children, so ``state_dict()`` keys are unchanged and no weight is
-duplicated: the only copy made is a transposed ``down`` ``[I, H]`` for the kernels, and the
-model's ``down_proj.weight`` becomes a view of it (restored to a contiguous tensor).
+duplicated: the kernels need ``down`` transposed (``[I, H]`` row-major); it is rewritten in
+that layout *in its own memory* and ``down_proj.weight`` becomes a transposed view of it;
+``restore()`` rewrites the original layout in place, bit for bit. Convert the model's dtype
+or device before sparsifying, not while sparsified.
 """
 
 from __future__ import annotations
@@ -499,13 +501,13 @@ class SparseHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        scratch: list = []
         for i, wrapper in self.wrappers.items():
             spec = self.adapter.layers[i]
             if spec.layer.mlp is wrapper:
                 spec.layer.mlp = wrapper.original
             if wrapper.down_t is not None:
-                down = wrapper.original.down_proj.weight
-                down.data = wrapper.down_t.t().contiguous()
+                _untranspose_in_place(wrapper.original.down_proj.weight, wrapper.down_t, scratch)
                 wrapper.down_t = None
             wrapper.cache = None
             wrapper._weights = None
@@ -677,6 +679,10 @@ def sparsify(
         if any(getattr(adapter.layers[i].down_proj, "bias", None) is not None
                or (adapter.layers[i].gate_proj.bias is not None) for i in chosen):
             raise ValueError("the sparse kernels do not support MLP biases; use mode='oracle'")
+        for i in chosen:
+            if not adapter.layers[i].down_proj.weight.is_contiguous():
+                raise ValueError(f"layer {i}: down_proj.weight is not contiguous (is the model "
+                                 "sparsified by something else?)")
         if weight.device.type != "cpu":
             raise ValueError(f"sparse kernels run on the CPU; the model is on {weight.device}")
         if kernel == "fast":
@@ -708,6 +714,7 @@ def sparsify(
     wrappers: dict[int, SparseMLP] = {}
     hooks: list = []
     handle = SparseHandle(model, adapter, runtime, wrappers, hooks, config)
+    scratch: list = []
     try:
         hooks.append(model.register_forward_pre_hook(_model_pre_hook(runtime), with_kwargs=True))
         for i in chosen:
@@ -716,12 +723,15 @@ def sparsify(
             act_fn = getattr(original, "act_fn", None) or getattr(original, "activation_fn", None) \
                 or adapter.act_fn
             down = original.down_proj.weight
-            down_t = down.detach().t().contiguous() if mode != "oracle" else None
-            wrapper = SparseMLP(spec, runtime, act_fn, down_t=down_t, static_idx=static_idx.get(i))
+            down_t = _transpose_in_place(down, scratch) if mode != "oracle" else None
+            try:
+                wrapper = SparseMLP(spec, runtime, act_fn, down_t=down_t,
+                                    static_idx=static_idx.get(i))
+            except BaseException:
+                if down_t is not None:
+                    _untranspose_in_place(down, down_t, scratch)
+                raise
             wrappers[i] = wrapper
-            if down_t is not None:
-                # the model keeps one copy: down_proj now reads a transposed view of down_t
-                down.data = down_t.t()
             spec.layer.mlp = wrapper
             if mode == "predicted" and predictors.lookahead:
                 hooks.append(spec.input_norm.register_forward_hook(_lookahead_hook(wrapper)))
@@ -729,6 +739,45 @@ def sparsify(
         handle.restore()
         raise
     return handle
+
+
+def _scratch_for(weight: torch.Tensor, scratch: list) -> torch.Tensor:
+    """One reusable buffer of ``weight``'s size: a fresh transient per layer would leave the
+    allocator holding ~one down matrix per layer of freed-but-resident memory."""
+    if not scratch or scratch[0].numel() < weight.numel() or scratch[0].dtype != weight.dtype:
+        scratch[:] = [torch.empty(weight.numel(), dtype=weight.dtype)]
+    return scratch[0][: weight.numel()]
+
+
+def _transpose_in_place(weight: nn.Parameter, scratch: list | None = None) -> torch.Tensor:
+    """Rewrite ``weight`` [H, I] as ``down_t`` [I, H] row-major *in its own memory*.
+
+    The parameter then holds the transposed view ``down_t.t()`` (same values, so dense
+    calls still work). Writing into the same memory, rather than allocating a new
+    ``down_t``, matters: weights loaded from safetensors live in a private file mapping
+    whose pages stay resident when the tensor is dropped, so a fresh copy would add the
+    whole down matrix to the process's RSS. Only one layer's [I, H] is ever transient.
+    """
+    w = weight.data
+    hidden, n = w.shape
+    tmp = _scratch_for(w, [] if scratch is None else scratch).view(n, hidden)
+    tmp.copy_(w.t())
+    down_t = torch.as_strided(w, (n, hidden), (hidden, 1))
+    down_t.copy_(tmp)
+    weight.data = down_t.t()
+    return down_t
+
+
+def _untranspose_in_place(weight: nn.Parameter, down_t: torch.Tensor,
+                          scratch: list | None = None) -> None:
+    """Inverse of :func:`_transpose_in_place`: the original contiguous [H, I] layout and
+    values (bit for bit), in the same memory."""
+    n, hidden = down_t.shape
+    tmp = _scratch_for(down_t, [] if scratch is None else scratch).view(hidden, n)
+    tmp.copy_(down_t.t())
+    w = torch.as_strided(down_t, (hidden, n), (n, 1))
+    w.copy_(tmp)
+    weight.data = w
 
 
 def _lookahead_hook(wrapper: SparseMLP):
