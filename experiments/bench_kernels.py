@@ -272,6 +272,65 @@ def bench_mask_ops(rows: Rows, reps, rng):
                          target=10.0 if tgt else "", target_met=(us < 10.0) if tgt else "")
 
 
+def update_sweep(shape: str = "smollm2-135m", dtype=torch.float32,
+                 densities=(0.05, 0.1, 0.3, 0.5), swaps=(1, 4, 16, 64, 256),
+                 reps: int = 5, seed: int = 0) -> list[dict]:
+    """Cache update cost vs neurons swapped and vs active size, next to a full re-gather.
+
+        >>> import pandas as pd
+        >>> df = pd.DataFrame(update_sweep(densities=(0.1, 0.5), swaps=(8, 64), reps=5))
+
+    Importable (notebook 09). For each active density: a full re-gather of the active
+    rows (the cost of having no cache: three contiguous row gathers) and, for each ``k``
+    in ``swaps``, a ``WeightCache`` update swapping exactly ``k`` neurons out and ``k`` in
+    (toggled back and forth, so every timed call is the same ``k``-swap), interleaved rep
+    by rep, 1 thread. ``k`` larger than the active or the inactive set is skipped. One row
+    per measurement: ``shape, hidden, inter, dtype, density, n_active, method``
+    (``update_rows`` / ``full_regather``), ``neurons_swapped`` (0 for the re-gather),
+    ``median_ms, q1_ms, q3_ms, reps`` and the structural cost of one call:
+    ``rows_copied`` (neurons whose gate, up and down rows were written; from
+    ``UpdateStats`` for the cache, ``n_active`` for the re-gather) and ``bytes_moved``.
+    The torch thread count is restored on return.
+    """
+    hidden, inter = SHAPES[shape]
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    gate, up, down_t = (torch.randn(inter, hidden, generator=gen).to(dtype) for _ in range(3))
+    slot_bytes = 3 * hidden * gate.element_size()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    try:
+        for dens in densities:
+            m0 = random_mask(inter, dens, rng)
+            n_act = int(m0.sum())
+            fns = {"full_regather": regather_fn(gate, up, down_t, torch.from_numpy(np.flatnonzero(m0)))}
+            stats = {"full_regather": (0, n_act, n_act * slot_bytes)}
+            for k in swaps:
+                if k > min(n_act, inter - n_act):
+                    continue
+                m1 = swap(m0, k, rng)
+                cache = _fast.WeightCache(gate, up, down_t=down_t, n_threads=1)
+                cache.update(m0)
+                s = cache.update(m1)  # the structural cost of one k-swap, then back
+                cache.update(m0)
+                name = f"update_rows_k{k}"
+                fns[name] = toggler(cache, m0, m1)
+                stats[name] = (k, s.rows_copied, s.bytes_moved)
+            t = interleaved(fns, reps)
+            for name, ns in t.items():
+                med, q1, q3 = stats_ms(ns)
+                k, rows_copied, nbytes = stats[name]
+                out.append(dict(shape=shape, hidden=hidden, inter=inter,
+                                dtype=str(dtype).replace("torch.", ""), density=dens,
+                                n_active=n_act, method=name.split("_k")[0], neurons_swapped=k,
+                                median_ms=round(med, 4), q1_ms=round(q1, 4), q3_ms=round(q3, 4),
+                                reps=reps, rows_copied=rows_copied, bytes_moved=nbytes))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 def fmt(v, nd=2):
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 

@@ -24,7 +24,10 @@ from sparselab.trace import Trace
 
 # submodules that import plotly/ipywidgets are loaded on first use, keeping `import
 # sparselab` fast for scripts that only record
-_LAZY_MODULES = {"metrics", "figures", "dashboard_app", "report_html", "models", "corpus"}
+_LAZY_MODULES = {
+    "metrics", "figures", "dashboard_app", "report_html", "models", "corpus", "independence",
+    "hotset", "sweeps", "interact", "figures_reuse", "figures_kernels", "predictors", "sparse",
+}
 _LAZY_ATTRS = {
     "dashboard": ("sparselab.dashboard_app", "dashboard"),
     "report": ("sparselab.report_html", "report"),
