@@ -1,0 +1,74 @@
+"""A real JupyterLab in headless Debian Chromium: run notebook 01, move the dashboard's
+threshold slider, and check that the heatmap changed and the page logged no errors.
+
+The screenshot is kept as a test artefact in ``test-artifacts/dashboard.png``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparselab.testing.browser import (
+    cell_errors,
+    chromium_page,
+    chromium_path,
+    jupyterlab_server,
+    plotly_z,
+    run_all_cells,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = "01_explore_sparsity.ipynb"
+ARTIFACTS = ROOT / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(chromium_path() is None, reason="Debian chromium not installed"),
+]
+
+
+def _heatmap_index(page) -> int:
+    """Index (among all Plotly graphs on the page) of the dashboard's first heatmap."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll('.js-plotly-plot')]
+                 .findIndex(gd => gd.data && gd.data.some(t => t.type === 'heatmap'))"""
+    )
+
+
+def test_dashboard_slider_updates_heatmap(tmp_path):
+    shutil.copy(ROOT / "notebooks" / NOTEBOOK, tmp_path / NOTEBOOK)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with jupyterlab_server(tmp_path) as url, chromium_page() as (page, errors):
+        run_all_cells(page, url, NOTEBOOK)
+        assert cell_errors(page) == [], "a notebook cell raised in the browser"
+
+        page.wait_for_selector(".sparselab-value .noUi-handle", timeout=60_000)
+        index = _heatmap_index(page)
+        assert index >= 0, "the dashboard shows no heatmap"
+        before = plotly_z(page, index)
+
+        handle = page.locator(".sparselab-value .noUi-handle").first
+        handle.scroll_into_view_if_needed()
+        handle.focus()
+        for _ in range(8):  # each key press is one slider step towards a larger value
+            page.keyboard.press("ArrowRight")
+        page.wait_for_function(
+            """([i, before]) => { const gd = [...document.querySelectorAll('.js-plotly-plot')][i];
+                   const t = gd && gd.data && gd.data.find(t => t.type === 'heatmap');
+                   return t && JSON.stringify(t.z) !== before; }""",
+            arg=[index, before],
+            timeout=60_000,
+        )
+        after = plotly_z(page, index)
+        dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".sparselab-value"))
+        dashboard.first.screenshot(path=str(ARTIFACTS / "dashboard.png"))
+        page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=False)
+
+        (ARTIFACTS / "browser-errors.txt").write_text("\n".join(errors))
+
+    assert after != before
+    assert errors == [], f"the page logged JavaScript errors: {errors}"
