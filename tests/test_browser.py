@@ -33,10 +33,11 @@ pytestmark = [
 
 def _heatmap_index(page) -> int:
     """Index (among all Plotly graphs on the page) of the dashboard's first heatmap."""
-    return page.evaluate(
-        """() => [...document.querySelectorAll('.js-plotly-plot')]
+    return page.evaluate(HEATMAP_INDEX_JS)
+
+
+HEATMAP_INDEX_JS = """() => [...document.querySelectorAll('.js-plotly-plot')]
                  .findIndex(gd => gd.data && gd.data.some(t => t.type === 'heatmap'))"""
-    )
 
 
 def test_dashboard_slider_updates_heatmap(tmp_path):
@@ -47,6 +48,8 @@ def test_dashboard_slider_updates_heatmap(tmp_path):
         assert cell_errors(page) == [], "a notebook cell raised in the browser"
 
         page.wait_for_selector(".sparselab-value .noUi-handle", timeout=60_000)
+        # the controls can render before the plots (plotly loads asynchronously): wait
+        page.wait_for_function(f"() => ({HEATMAP_INDEX_JS})() >= 0", timeout=60_000)
         index = _heatmap_index(page)
         assert index >= 0, "the dashboard shows no heatmap"
         before = plotly_z(page, index)
