@@ -43,7 +43,7 @@ HEATMAP_INDEX_JS = """() => [...document.querySelectorAll('.js-plotly-plot')]
 def test_dashboard_slider_updates_heatmap(tmp_path):
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, tmp_path / NOTEBOOK)
     ARTIFACTS.mkdir(exist_ok=True)
-    with jupyterlab_server(tmp_path) as url, chromium_page() as (page, errors):
+    with jupyterlab_server(tmp_path) as url, chromium_page(width=1400, height=2200) as (page, errors):
         run_all_cells(page, url, NOTEBOOK)
         assert cell_errors(page) == [], "a notebook cell raised in the browser"
 
@@ -67,6 +67,14 @@ def test_dashboard_slider_updates_heatmap(tmp_path):
             timeout=60_000,
         )
         after = plotly_z(page, index)
+        # the slider fires one update per step; wait until the last one is drawn, so the
+        # screenshot shows the state the slider reads (status line names the rule's value)
+        readout = float(page.locator(".sparselab-value .widget-readout").first.inner_text())
+        page.wait_for_function(
+            "(label) => document.body.innerText.includes(label)",
+            arg=f"density={readout:g}",
+            timeout=60_000,
+        )
         dashboard = page.locator(".jp-OutputArea-output", has=page.locator(".sparselab-value"))
         dashboard.first.screenshot(path=str(ARTIFACTS / "dashboard.png"))
         page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=False)
