@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -65,7 +65,29 @@ def _rule_at(rule_factory: Callable[[float], Rule], density: float, fit_trace) -
     return rule
 
 
-def _plan(modes, densities, predictors, static_trace, rule_factory) -> tuple[list, list]:
+def _extra_configs(extra_modes, densities) -> list[tuple[str, float, dict[str, Any]]]:
+    """Configs of the named extra modes: ``make(density)`` gives the sparsify kwargs."""
+    configs = []
+    for name, make in (extra_modes or {}).items():
+        if not isinstance(name, str) or name in MODES:
+            raise ValueError(f"extra mode names must be strings other than {MODES}, got {name!r}")
+        if not callable(make):
+            raise TypeError(f"extra mode {name!r} must map a density to sparsify kwargs, "
+                            f"got {type(make).__name__}")
+        for d in densities:
+            kwargs = dict(make(float(d)))
+            if kwargs.get("mode") not in ("oracle", "static", "predicted"):
+                raise ValueError(f"extra mode {name!r}: its kwargs need mode='oracle', 'static' or "
+                                 f"'predicted', got {kwargs.get('mode')!r}")
+            fixed = sorted({"prefill", "kernel", "record_stats", "use_cache", "union"} & set(kwargs))
+            if fixed:
+                raise ValueError(f"extra mode {name!r}: {fixed} are set by sl.evaluate itself")
+            configs.append((name, float(d), kwargs))
+    return configs
+
+
+def _plan(modes, densities, predictors, static_trace, rule_factory,
+          extra_modes=None) -> tuple[list, list]:
     """(configs [(mode, density, sparsify kwargs)], skipped modes with reasons)."""
     configs: list[tuple[str, float, dict[str, Any]]] = []
     skipped = []
@@ -89,6 +111,7 @@ def _plan(modes, densities, predictors, static_trace, rule_factory) -> tuple[lis
             elif mode == "predicted":
                 configs.append((mode, d, {"mode": "predicted",
                                           "predictors": predictors_at_density(predictors, d)}))
+    configs += _extra_configs(extra_modes, densities)
     for mode, reason in skipped:
         warnings.warn(f"sl.evaluate: mode {mode!r} skipped: {reason}", stacklevel=3)
     return configs, skipped
@@ -133,6 +156,7 @@ def evaluate(
     prompt_length: int = 32,
     kernel: str = "fast",
     progress: bool = True,
+    extra_modes: Mapping[str, Callable[[float], dict[str, Any]]] | None = None,
 ) -> pd.DataFrame:
     """Quality of ``model`` run sparsely, per mode and density, as one tidy DataFrame.
 
@@ -145,6 +169,10 @@ def evaluate(
     fitted on ``static_trace``. Modes that lack their input (``predictors`` for
     "predicted", ``static_trace`` for "static") are skipped with a warning. Columns:
     mode, density, perplexity, kl, greedy_agreement, n_tokens, n_generated;
+    ``extra_modes`` adds named configurations scored on the same tokens against the same
+    dense pass: ``{name: make}`` where ``make(density)`` returns ``sl.sparsify`` keyword
+    arguments (e.g. ``{"random": lambda d: {"mode": "static", "static_neurons": sets(d)}}``
+    or another oracle rule); their rows carry ``mode=name``.
     ``df.attrs`` holds the config, model identity and versions.
     """
     from tqdm.auto import tqdm
@@ -153,7 +181,7 @@ def evaluate(
 
     modes = tuple(modes)
     _check_args(texts, densities, modes, max_length, n_generate, n_prompts)
-    configs, skipped = _plan(modes, densities, predictors, static_trace, rule_factory)
+    configs, skipped = _plan(modes, densities, predictors, static_trace, rule_factory, extra_modes)
     sparse_configs = [c for c in configs if c[0] != "dense"]
     encoded = _encode(tokenizer, texts, max_length)
 
@@ -204,6 +232,7 @@ def evaluate(
         "prompt_length": prompt_length, "n_texts": len(encoded), "kernel": kernel,
         "teacher_forced_prefill": "per_token", "generation": "dense prefill, per-row sparse decode",
         "skipped": dict(skipped),
+        "extra_modes": list(extra_modes or {}),
         "predictors": _describe_predictors(predictors),
     }
     df.attrs["model"] = model_identity(model)
