@@ -526,9 +526,11 @@ class WeightCache:
         grow_bytes = 0
         grew = n_new > self.capacity
         if grew:
-            # amortized doubling, capped at the layer size; allocate before touching state so
-            # a MemoryError leaves the cache as it was
-            new_cap = min(self._n_neurons, max(n_new, 2 * self.capacity))
+            # geometric growth by 1/4, capped at the layer size: amortized O(1) per row while
+            # holding at most 25 % spare rows (the first update allocates exactly, so a
+            # fixed-size top-k mask never carries spare rows); allocate before touching state
+            # so a MemoryError leaves the cache as it was
+            new_cap = min(self._n_neurons, max(n_new, self.capacity + self.capacity // 4))
             old_gu_np, old_dt_np = self._gu_np, self._dt_np
             gu = torch.empty((new_cap, 2, self._hidden), dtype=self._dtype)
             dt = torch.empty((new_cap, self._hidden), dtype=self._dtype)

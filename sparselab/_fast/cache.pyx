@@ -91,7 +91,7 @@ def move_slots(wtype[:, :, ::1] gate_up_buf, wtype[:, ::1] down_t_buf,
 
 def copy_prefix(wtype[:, :, ::1] gate_up_old, wtype[:, ::1] down_t_old,
                 wtype[:, :, ::1] gate_up_new, wtype[:, ::1] down_t_new, Py_ssize_t n):
-    """Copy the first ``n`` slots into freshly grown buffers (amortized doubling)."""
+    """Copy the first ``n`` slots into freshly grown buffers (geometric growth)."""
     cdef Py_ssize_t h = down_t_old.shape[1]
     if n == 0:
         return None
