@@ -18,6 +18,7 @@ from sparselab.corpus import load_corpus
 from sparselab.evaluate import evaluate  # binds sl.evaluate to the function, not the module
 from sparselab.masks import Masks
 from sparselab.models import load_model
+from sparselab.predictors import Predictors, train_predictors
 from sparselab.record import Recorder, record
 from sparselab.sparse import SparseHandle, sparsify
 from sparselab.trace import Trace
@@ -36,6 +37,7 @@ _LAZY_ATTRS = {
 
 __all__ = [
     "Masks",
+    "Predictors",
     "Recorder",
     "SparseHandle",
     "Trace",
@@ -46,6 +48,7 @@ __all__ = [
     "record",
     "rules",
     "sparsify",
+    "train_predictors",
     "versions",
 ]
 

@@ -1,0 +1,415 @@
+"""sparselab.bench and experiments/run_benchmark.py: byte bound against hand counts, memory
+sampling, generate timing, summaries and the benchmark's JSON. No wall-clock assertions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import sparselab as sl
+from sparselab import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+H, N, LAYERS, VOCAB = 64, 200, 2, 101
+
+
+def tiny_config(tie: bool = True, **kw):
+    from transformers import LlamaConfig
+
+    fields = dict(vocab_size=VOCAB, hidden_size=H, intermediate_size=N, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  pad_token_id=0, tie_word_embeddings=tie)
+    fields.update(kw)
+    return LlamaConfig(**fields)
+
+
+def tiny_llama(seed: int = 0, **kw):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(initializer_range=0.2, **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+# --------------------------------------------------------------------------------------
+# byte bound
+# --------------------------------------------------------------------------------------
+
+# hidden 8, intermediate 12, 2 layers, 2 heads of 4, 1 KV head, vocab 10. Per layer:
+#   attention q 8*8 + k 8*4 + v 8*4 + o 8*8 = 192, norms 2*8 = 16, MLP 3*8*12 = 288.
+#   MLP total 2*288 = 576; other = 2*(192+16) + final norm 8 + LM head 10*8 + one row 8 = 512.
+HAND = {"mlp": 576, "other": 512, "lm_head": 80, "row": 8}
+
+
+def hand_config(tie: bool):
+    return tiny_config(tie=tie, vocab_size=10, hidden_size=8, intermediate_size=12,
+                       num_attention_heads=2, num_key_value_heads=1)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_decode_bytes_matches_hand_count(tie):
+    from transformers import LlamaForCausalLM
+
+    cfg = hand_config(tie)
+    model = LlamaForCausalLM(cfg).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    for b in (bench.decode_bytes(model), bench.decode_bytes_from_config(cfg)):
+        # a tied head is the embedding table and is still read whole every token
+        assert (b.mlp, b.other, b.lm_head, b.embedding_row) == (
+            4 * HAND["mlp"], 4 * HAND["other"], 4 * HAND["lm_head"], 4 * HAND["row"])
+        assert b.f == pytest.approx(576 / 1088)
+        assert b.bound(0.5) == pytest.approx(1088 / (512 + 288))  # = 1.36
+        assert b.bound(0.5, extra_bytes=4 * 136) == pytest.approx(1088 / (512 + 288 + 136))
+        assert b.bound(1.0) == pytest.approx(1.0)
+
+
+def test_decode_bytes_dtype_scales_bytes_not_f():
+    cfg = hand_config(True)
+    b32 = bench.decode_bytes_from_config(cfg, torch.float32)
+    b16 = bench.decode_bytes_from_config(cfg, torch.bfloat16)
+    assert b16.total * 2 == b32.total and b16.f == b32.f
+
+
+def test_byte_bound_formula_and_errors():
+    assert bench.byte_bound(0.0, 0.1) == 1.0  # nothing in the MLPs: nothing to gain
+    assert bench.byte_bound(1.0, 0.25) == pytest.approx(4.0)  # all MLP: 1/d
+    assert bench.byte_bound(0.5, 0.5, 0.25) == pytest.approx(1.0)  # predictor eats the gain
+    for bad in ((1.5, 0.5, 0.0), (0.5, -0.1, 0.0), (0.5, 0.5, -1.0)):
+        with pytest.raises(ValueError):
+            bench.byte_bound(*bad)
+
+
+def test_anchor_bounds_smollm2_and_llama3b_shapes():
+    from transformers import LlamaConfig
+
+    # SmolLM2-135M: 30 layers, hidden 576, intermediate 1536, 9 heads / 3 KV, vocab 49152, tied
+    smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
+    b = bench.decode_bytes_from_config(smol)
+    assert b.f == pytest.approx(0.59, abs=0.01)
+    assert b.bound(0.5) == pytest.approx(1.42, abs=0.01)
+    assert b.bound(0.3) == pytest.approx(1.71, abs=0.01)
+    # Llama-3.2-3B: 28 layers; a rank-327 predictor per layer adds 327*(3072+8192)+8192 weights
+    llama = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                        num_attention_heads=24, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+    b = bench.decode_bytes_from_config(llama)
+    assert b.f == pytest.approx(0.66, abs=0.01)
+    assert b.bound(0.3) == pytest.approx(1.86, abs=0.01)
+    pred = 28 * 4 * (327 * (3072 + 8192) + 8192)
+    assert b.bound(0.3, extra_bytes=pred) == pytest.approx(1.75, abs=0.01)
+
+
+@pytest.mark.slow
+def test_real_model_bytes_match_its_config(real_model):
+    model, _ = real_model
+    b = bench.decode_bytes(model)
+    assert b.describe() == bench.decode_bytes_from_config(model.config).describe()
+    assert b.f == pytest.approx(0.59, abs=0.01)
+    assert b.bound(0.5) == pytest.approx(1.42, abs=0.01)
+
+
+# --------------------------------------------------------------------------------------
+# memory sampling
+# --------------------------------------------------------------------------------------
+
+
+def test_memory_sampler_sees_a_freed_allocation():
+    size = 96 * 2**20
+    with bench.MemorySampler(interval=0.001) as mem:
+        x = torch.ones(size // 4)  # ones() touches every page: resident
+        time.sleep(0.05)
+        del x  # freed before the block ends: only the sampler can have seen it
+        bench.release_memory()
+    assert mem.n_samples > 2
+    assert mem.peak_rss - mem.start_rss >= 0.8 * size
+    assert mem.peak_rss - mem.end_rss >= 0.5 * size
+    if mem.kernel_peak_rss is not None:
+        assert mem.kernel_peak_rss - mem.start_rss >= 0.8 * size
+
+
+def test_memory_sampler_is_single_use_and_checks_interval():
+    with pytest.raises(ValueError):
+        bench.MemorySampler(interval=0)
+    mem = bench.MemorySampler()
+    with mem:
+        pass
+    with pytest.raises(RuntimeError):
+        mem.__enter__()
+
+
+# --------------------------------------------------------------------------------------
+# timing generate
+# --------------------------------------------------------------------------------------
+
+
+def test_time_generate_counts_tokens_and_ignores_eos():
+    model = tiny_llama()
+    ids = torch.randint(1, VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    first = bench.time_generate(model, ids, max_new_tokens=2)
+    # make the token greedy decoding emits first the EOS token: generate must not stop
+    model.generation_config.eos_token_id = int(first.output_ids[0, 6])
+    t = bench.time_generate(model, ids, max_new_tokens=5)
+    assert t.output_ids.shape == (1, 11) and t.n_new == 5 and t.n_prompt == 6
+    assert len(t.forward_s) == len(t.token_s) == len(t.mlp_s) == 5
+    assert np.all(np.diff(t.token_s) > 0) and t.ttft_s == t.token_s[0] > 0
+    assert t.decode_tokens_per_s == pytest.approx(4 / (t.token_s[-1] - t.token_s[0]))
+    assert t.total_tokens_per_s == pytest.approx(5 / t.total_s)
+    assert np.all(t.mlp_s > 0) and np.all(t.mlp_s < t.forward_s)  # MLPs run inside forwards
+    assert not model._forward_hooks and not model._forward_pre_hooks  # hooks removed
+    for layer in model.model.layers:
+        assert not layer.mlp._forward_hooks
+
+
+def test_time_generate_rejects_bad_arguments():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        bench.time_generate(model, torch.ones(1, 3, dtype=torch.long), max_new_tokens=1)
+    with pytest.raises(ValueError, match="input_ids"):
+        bench.time_generate(model, torch.ones(3, dtype=torch.long), max_new_tokens=4)
+
+
+def _timing(forward_ms, mlp_ms, token_ms):
+    return bench.GenerationTiming(
+        n_prompt=3, n_new=len(forward_ms), batch_size=1, total_s=token_ms[-1] / 1e3 + 0.001,
+        token_s=np.asarray(token_ms) / 1e3, forward_s=np.asarray(forward_ms) / 1e3,
+        mlp_s=np.asarray(mlp_ms) / 1e3)
+
+
+def test_decode_split_adds_up_by_hand():
+    # prefill 50 ms; decode forwards 10 and 14 ms (tokens end at 50, 62, 78 ms from the call)
+    t = _timing([50.0, 10.0, 14.0], [20.0, 4.0, 6.0], [50.0, 62.0, 78.0])
+    ms = 1_000_000
+    stats = pd.DataFrame({
+        "step": [0, 0, 1, 1, 2, 2], "layer": [0, 1] * 3,
+        "phase": ["prefill"] * 2 + ["decode"] * 4,
+        "t_predictor_ns": [0, 0, 1 * ms, 1 * ms, 1 * ms, 1 * ms],
+        "t_mask_ns": [0] * 6, "t_cache_ns": [0, 0, 0, 0, 2 * ms, 0],
+        "t_mlp_ns": [9 * ms, 9 * ms, 1 * ms, 1 * ms, 1 * ms, 1 * ms],
+        "density": [1.0, 1.0, 0.3, 0.5, 0.3, 0.5], "rows_copied": [0, 0, 10, 0, 4, 2],
+        "added": [0, 0, 10, 0, 4, 2], "active": [200] * 2 + [60, 100] * 2,
+    })
+    s = bench.decode_split(t, stats)
+    assert s["step_ms"] == pytest.approx(14.0)  # (78 - 50) / 2
+    assert s["forward_ms"] == pytest.approx(12.0) and s["generate_ms"] == pytest.approx(2.0)
+    assert s["mlp_ms"] == pytest.approx(5.0) and s["rest_ms"] == pytest.approx(7.0)
+    assert s["predictor_ms"] == pytest.approx(2.0) and s["cache_ms"] == pytest.approx(1.0)
+    assert s["kernel_ms"] == pytest.approx(2.0) and s["mask_ms"] == 0.0
+    assert s["mlp_other_ms"] == pytest.approx(0.0)
+    assert s["active_density"] == pytest.approx(0.4) and s["rows_copied"] == pytest.approx(8.0)
+
+
+# --------------------------------------------------------------------------------------
+# summaries, speedups, targets
+# --------------------------------------------------------------------------------------
+
+
+def _runs():
+    rows = []
+    for cycle, (dense, sparse) in enumerate([(10.0, 12.0), (10.0, 15.0), (20.0, 24.0), (99.0, 1.0)]):
+        for variant, tps in (("dense", dense), ("sparse", sparse)):
+            rows.append({"cycle": cycle, "variant": variant, "warmup": cycle == 3,
+                         "decode_tokens_per_s": tps, "ttft_ms": 100.0 if variant == "dense" else 104.0,
+                         "total_tokens_per_s": tps, "peak_rss": 1000.0 if variant == "dense" else 1030.0,
+                         "extra_bytes": 0, "active_rows_bytes": 0, "step_ms": 1e3 / tps})
+    return pd.DataFrame(rows)
+
+
+def test_summarize_and_speedups_by_hand():
+    runs = _runs()
+    summary = bench.summarize(runs)  # the warm-up cycle (99 vs 1 tok/s) is excluded
+    d = summary.loc[("dense", "decode_tokens_per_s")]
+    assert (d["n"], d["median"], d["min"], d["max"]) == (3, 10.0, 10.0, 20.0)
+    assert d["q1"] == 10.0 and d["q3"] == 15.0 and d["iqr"] == 5.0
+    sp = bench.speedups(runs).loc["sparse"]
+    assert sp["decode_speedup"] == pytest.approx(15.0 / 10.0)  # ratio of medians
+    assert sp["decode_speedup_paired"] == pytest.approx(1.2)  # median of 1.2, 1.5, 1.2
+    assert sp["ttft_ratio"] == pytest.approx(1.04) and sp["peak_rss_ratio"] == pytest.approx(1.03)
+    with pytest.raises(ValueError, match="baseline"):
+        bench.speedups(runs, baseline="nope")
+
+
+def test_check_targets_decides_met_by_hand():
+    budget = bench.DecodeBytes(mlp=600, other=400, lm_head=100, embedding_row=1, n_layers=2)
+    # bound at d = 0.5: 1/(0.4 + 0.3) = 1.4286, 90 % of it 1.2857 <= 1.5: met
+    t = bench.check_targets(_runs(), budget, density=0.5).set_index("target")
+    speed = t.filter(like="decode speedup", axis=0).iloc[0]
+    assert speed["met"] and speed["threshold"] == pytest.approx(0.9 / 0.7)
+    mem = t.filter(like="peak RSS", axis=0).iloc[0]
+    assert mem["met"] and mem["threshold"] * bench.MB == pytest.approx(1050.0)  # 1030 <= 1050
+    assert t.filter(like="TTFT", axis=0).iloc[0]["met"]  # 1.04 <= 1.05
+    # at d = 0.1 the bound is 1/(0.4+0.06) = 2.17: 1.5 < 0.9 * 2.17. Bytes resident in the
+    # dense runs too come off the dense baseline: limit (1000 - 50) * 1.05 = 997.5 < 1030
+    t2 = bench.check_targets(_runs(), budget, density=0.1, resident_bytes=50).set_index("target")
+    speed = t2.filter(like="decode speedup", axis=0).iloc[0]
+    assert not speed["met"] and speed["threshold"] == pytest.approx(0.9 / 0.46)
+    mem = t2.filter(like="peak RSS", axis=0).iloc[0]
+    assert not mem["met"] and mem["threshold"] * bench.MB == pytest.approx(997.5)
+    # a predictor's bytes lower the bound: 1/(0.4+0.3+0.2) at 200 bytes of 1000
+    t3 = bench.check_targets(_runs(), budget, density=0.5, predictor_bytes=200).set_index("target")
+    assert t3.filter(like="decode speedup", axis=0).iloc[0]["threshold"] == pytest.approx(0.9 / 0.9)
+
+
+def test_shortfall_excesses_add_up_to_the_gap_by_hand():
+    common = {"warmup": False, "decode_tokens_per_s": 1.0, "ttft_ms": 1.0}
+    runs = pd.DataFrame([
+        {"cycle": 0, "variant": "dense", "step_ms": 10.0, "rest_ms": 5.0, "mlp_ms": 4.0,
+         "generate_ms": 1.0, **common},
+        {"cycle": 0, "variant": "sparse", "step_ms": 8.7, "rest_ms": 5.2, "mlp_ms": 2.5,
+         "generate_ms": 1.0, "kernel_ms": 1.5, "predictor_ms": 0.5, "mask_ms": 0.1,
+         "cache_ms": 0.0, "mlp_other_ms": 0.4, **common},
+    ])
+    budget = bench.DecodeBytes(mlp=600, other=400, lm_head=100, embedding_row=1, n_layers=2)
+    gap = bench.shortfall(runs, budget, density=0.25, predictor_bytes=60).loc["sparse"]
+    # ideal: kernel 0.25 * 4 = 1.0, predictor 60/600 * 4 = 0.4, rest 5, generate 1 -> step 7.4
+    assert gap.at["kernel", "ideal_ms"] == pytest.approx(1.0)
+    assert gap.at["predictor", "ideal_ms"] == pytest.approx(0.4)
+    assert gap["excess_ms"].sum() == pytest.approx(8.7 - 7.4)
+    assert gap.at["kernel", "excess_ms"] == pytest.approx(0.5) and gap["share"].sum() == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# the alternating loop and the random predictors
+# --------------------------------------------------------------------------------------
+
+
+class CountingHandle:
+    log: list = []
+
+    def __init__(self, name):
+        self.name = name
+        CountingHandle.log.append(("enter", name))
+
+    def restore(self):
+        CountingHandle.log.append(("restore", self.name))
+
+
+def test_compare_alternates_rotates_and_restores():
+    model = tiny_llama()
+    ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(1))
+    CountingHandle.log = []
+    variants = {"dense": None, "a": lambda: CountingHandle("a"), "b": lambda: CountingHandle("b")}
+    runs = bench.compare(model, ids, variants, num_runs=2, warmup_runs=1, max_new_tokens=3,
+                         progress=False)
+    assert list(runs["variant"]) == ["dense", "a", "b", "a", "b", "dense", "b", "dense", "a"]
+    assert list(runs["warmup"]) == [True] * 3 + [False] * 6
+    # every handle was restored right after its own run, before the next one started
+    assert CountingHandle.log == [(k, v) for v in ["a", "b", "a", "b", "b", "a"] for k in ("enter", "restore")]
+    assert (runs["n_new"] == 3).all() and (runs["memory_samples"] >= 2).all()
+    assert set(runs.attrs["outputs"]) == {"dense", "a", "b"}
+
+
+def test_random_predictors_shapes_bytes_and_density():
+    p = bench.RandomLowRankPredictors(hidden=H, n_neurons=N, layers=range(LAYERS), rank=8, density=0.3)
+    assert p.bytes == LAYERS * 4 * (8 * H + N * 8 + N)
+    x = torch.randn(5, H)
+    m = p.mask(1, x)
+    assert m.shape == (5, N) and m.dtype == torch.bool and (m.sum(1) == 60).all()
+    top = p.scores(1, x).topk(60, dim=1).indices
+    assert torch.equal(m, torch.zeros(5, N, dtype=torch.bool).scatter_(1, top, True))
+    q = bench.RandomLowRankPredictors(hidden=H, n_neurons=N, layers=range(LAYERS), rank=8, density=0.3)
+    assert torch.equal(p.mask(0, x), q.mask(0, x))  # seeded
+    assert bench.RandomLowRankPredictors(H, N, [0], rank=0.04).rank == 8  # fraction of N
+    with pytest.raises(ValueError):
+        bench.RandomLowRankPredictors(H, N, [0], rank=H + 1)
+
+
+def test_random_predictors_drive_the_sparse_model():
+    model = tiny_llama()
+    p = bench.RandomLowRankPredictors(hidden=H, n_neurons=N, layers=range(LAYERS), rank=8, density=0.3)
+    ids = torch.randint(1, VOCAB, (1, 4), generator=torch.Generator().manual_seed(2))
+    with sl.sparsify(model, p) as handle:
+        t = bench.time_generate(model, ids, max_new_tokens=4)
+        split = bench.decode_split(t, handle.stats())
+    assert split["active_density"] == pytest.approx(0.3, abs=0.005)
+    assert split["kernel_ms"] > 0 and split["predictor_ms"] > 0
+
+
+# --------------------------------------------------------------------------------------
+# the benchmark script
+# --------------------------------------------------------------------------------------
+
+
+def _load_run_benchmark():
+    """experiments/run_benchmark.py as a module (experiments/ is not a package)."""
+    if "run_benchmark" in sys.modules:
+        return sys.modules["run_benchmark"]
+    spec = importlib.util.spec_from_file_location("run_benchmark", ROOT / "experiments" / "run_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["run_benchmark"] = module  # dataclasses look their module up while defined
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules["run_benchmark"]
+        raise
+    return module
+
+
+def test_shipped_configs_are_valid():
+    rb = _load_run_benchmark()
+    smol = rb.load_config(ROOT / "experiments" / "configs" / "smollm2_135m.json")
+    big = rb.load_config(ROOT / "experiments" / "configs" / "llama_skip_causal_3b.json")
+    assert smol["model"]["kind"] == "embedded" and smol["predictors"]["kind"] == "trained"
+    assert big["density"] == 0.3 and big["model"]["llama_config"]["hidden_size"] == 3072
+    full = rb.full_model_bytes(big, torch.float32)
+    assert full.n_layers == 28 and full.bound(0.3) == pytest.approx(1.86, abs=0.01)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    rb = _load_run_benchmark()
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"model": {"kind": "random_llama", "llama_config": {}},
+                                "predictors": {"kind": "trained", "rank": 8}}))
+    with pytest.raises(ValueError, match="trained predictors need a real model"):
+        rb.load_config(path)
+
+
+def test_run_benchmark_main_writes_json_csv_md(tmp_path):
+    rb = _load_run_benchmark()
+    config = {
+        "name": "tiny",
+        "model": {"kind": "random_llama", "num_hidden_layers": LAYERS, "seed": 0, "init_scale": 0.2,
+                  "llama_config": {"vocab_size": VOCAB, "hidden_size": H, "intermediate_size": N,
+                                   "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "max_position_embeddings": 64, "tie_word_embeddings": True,
+                                   "pad_token_id": 0, "full_num_hidden_layers": 4}},
+        "predictors": {"kind": "random_low_rank", "rank": 8, "seed": 0},
+        "density": 0.3, "prompt": {"kind": "random", "tokens": 6, "seed": 0},
+        "max_new_tokens": 8, "warmup_runs": 1, "num_runs": 5,
+    }
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config))
+    threads = torch.get_num_threads()
+    try:
+        result = rb.main(["--device", "cpu", "--config", str(path), "--num_runs", "2",
+                          "--max_new_tokens", "4", "--threads", "1", "--out", str(tmp_path / "res")])
+    finally:
+        torch.set_num_threads(threads)
+    latest = json.loads((tmp_path / "res" / "tiny.json").read_text())
+    for key in ("config", "versions", "torch_threads", "machine", "model", "predictors", "bytes",
+                "bound", "summary", "speedup", "split_ms", "targets", "memory", "runs_csv",
+                "shortfall_ms"):
+        assert key in latest, key
+    assert latest["config"]["num_runs"] == 2 and latest["config"]["max_new_tokens"] == 4
+    assert latest["torch_threads"] == 1 and latest["versions"]["torch"] == torch.__version__
+    assert set(latest["summary"]) == {"dense", "sparse_cache", "sparse_direct"}
+    assert set(latest["speedup"]) == {"sparse_cache", "sparse_direct"}
+    assert latest["bound"]["bound_with_predictor"] < latest["bound"]["bound"]
+    assert latest["bound"]["full_model"]["n_layers"] == 4
+    for key in ("median", "q1", "q3", "iqr", "min", "max"):
+        assert key in latest["summary"]["dense"]["decode_tokens_per_s"]
+    assert {"predictor_ms", "cache_ms", "kernel_ms", "rest_ms"} <= set(latest["split_ms"]["sparse_cache"])
+    assert len(latest["targets"]) == 6 and all(isinstance(t["met"], bool) for t in latest["targets"])
+    runs = pd.read_csv(tmp_path / "res" / latest["runs_csv"])
+    assert len(runs) == 3 * (1 + 2) and set(runs["n_new"]) == {4}
+    stamped = Path(result["paths"]["json"])
+    assert stamped.name.startswith("tiny_") and json.loads(stamped.read_text()) == latest
+    md = (tmp_path / "res" / "tiny.md").read_text()
+    assert "## Headline" in md and "## Targets" in md
