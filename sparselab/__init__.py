@@ -28,7 +28,8 @@ from sparselab.trace import Trace
 _LAZY_MODULES = {
     "metrics", "figures", "dashboard_app", "report_html", "models", "corpus", "independence",
     "hotset", "sweeps", "interact", "figures_reuse", "figures_kernels", "predictors", "sparse",
-    "bench", "live", "figures_live",
+    "bench", "live", "figures_live", "calibration", "contextual", "residual", "predictor_study",
+    "figures_quality",
 }
 _LAZY_ATTRS = {
     "dashboard": ("sparselab.dashboard_app", "dashboard"),
