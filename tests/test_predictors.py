@@ -151,6 +151,27 @@ def test_class_imbalance_sets_pos_weight():
     assert p.layer_info[0]["pos_weight"] == pytest.approx(9.0, rel=0.1)
 
 
+def test_split_sequences_never_cuts_a_sequence():
+    trace = synthetic_trace(n_seq=8, seq_len=5)
+    train, test = split_sequences(trace, held_out=0.25, seed=1)
+    assert train.n_sequences == 6 and test.n_sequences == 2
+    assert not set(train.seq_ids) & set(test.seq_ids)
+    assert train.n_tokens + test.n_tokens == trace.n_tokens
+    again, _ = split_sequences(trace, held_out=0.25, seed=1)
+    assert np.array_equal(again.seq_ids, train.seq_ids)
+    with pytest.raises(ValueError, match="1 sequence"):
+        split_sequences(trace.select_sequences([0]))
+
+
+def test_bfloat16_copy_halves_the_bytes(data, trained):
+    _, test = data
+    half = trained.to(torch.bfloat16)
+    assert half.bytes * 2 == trained.bytes and half.dtype == torch.bfloat16
+    x = test.mlp_inputs(0)
+    agree = (half.mask(0, x) == trained.mask(0, x)).float().mean()
+    assert agree > 0.97
+
+
 def test_seeded_training_is_reproducible(data):
     train, _ = data
     kwargs = dict(rank=2, epochs=2, progress=False, layers=[0])
@@ -280,6 +301,7 @@ def test_evaluate_matches_numpy_recomputation():
     assert row.predicted_density == pytest.approx(2 / n)
     assert row.true_density == pytest.approx(3 / n)
     assert row.mass_kept == pytest.approx(hn[pred].sum() / hn.sum())
+    assert row.energy_kept == pytest.approx((hn**2)[pred].sum() / (hn**2).sum())
     assert row.label_mass_kept == pytest.approx(hn[labels].sum() / hn.sum())
     top2 = -np.sort(-hn, axis=1)[:, :2].sum()
     assert row.oracle_mass_kept == pytest.approx(top2 / hn.sum())
