@@ -14,7 +14,7 @@ rules of :mod:`sparselab.rules` (``Calibrated`` for ``h``, ``GateThreshold`` for
 ``gate``): the uniform one simply holds the same threshold for every layer, so either can
 go to ``sl.sparsify(mode="oracle", rule=...)`` or :func:`sparselab.evaluate`.
 
-Everything is computed from a :class:`sparselab.dashboard_app.MagnitudeIndex` of the
+Everything is computed from a :class:`sparselab.magnitudes.MagnitudeIndex` of the
 recorded magnitudes (exact order statistics of the fp16 recording, one pass over the
 data), so sweeps over densities cost almost nothing beyond that pass.
 """
@@ -53,7 +53,7 @@ def _check_source(trace, source: str) -> None:
 
 
 def _index(trace, source: str):
-    from sparselab.dashboard_app import MagnitudeIndex
+    from sparselab.magnitudes import MagnitudeIndex
 
     _check_source(trace, source)
     return MagnitudeIndex(trace.arrays[source])

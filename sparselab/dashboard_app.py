@@ -22,7 +22,7 @@ change recomputes masks from the recording (the model is never re-run) and updat
 ``go.FigureWidget`` figures in place.
 
 Why it is fast: the density of *every* layer is needed on each move, but never the
-masks of every layer. :class:`MagnitudeIndex` keeps, per layer, the exact distribution
+masks of every layer. :class:`sparselab.magnitudes.MagnitudeIndex` keeps, per layer, the exact distribution
 of ``|h|`` (a histogram over the 2^15 fp16 magnitudes, or sorted values for other
 dtypes), from which calibrated thresholds (any target) and the share above a threshold
 come in microseconds; TopK's density is ``k / n``; MassCoverage tabulates every layer's
@@ -42,9 +42,10 @@ import plotly.graph_objects as go
 import torch
 
 from sparselab import figures, metrics, rules
+from sparselab.magnitudes import MagnitudeIndex
 from sparselab.masks import Masks
 
-__all__ = ["RULE_NAMES", "TABS", "Dashboard", "MagnitudeIndex", "dashboard"]
+__all__ = ["RULE_NAMES", "TABS", "Dashboard", "dashboard"]
 
 TABS = ("Masks", "Churn & reuse", "Predictors", "Live sparse generation")
 WINDOWS = (1, 2, 4, 8, 16, 32)
@@ -58,64 +59,6 @@ _PARAMETER = {
     "GateThreshold": ("density", 0.5),
     "Threshold": ("tau", None),  # default: median |h| over layers, from the data
 }
-_FP16_PATTERNS = 0x7C00 + 1  # non-negative finite fp16 bit patterns, plus +inf
-
-
-class MagnitudeIndex:
-    """Exact order statistics of ``|values|`` per layer, for instant calibration.
-
-        >>> index = MagnitudeIndex(trace.arrays["h"])        # [layers, tokens, neurons]
-        >>> thr = index.threshold(0, density=0.5)            # == rules.layer_threshold
-        >>> index.share_above(0, thr)                        # ~0.5
-
-    fp16 arrays (the recorder's default) are indexed by a histogram of their bit patterns:
-    magnitudes of fp16 numbers take at most 2^15 values and their bit patterns sort like
-    the values, so counting them is exact and O(n). Other dtypes keep sorted float32
-    copies.
-    """
-
-    def __init__(self, values: torch.Tensor) -> None:
-        if values.ndim != 3:
-            raise ValueError(f"expected [layers, tokens, neurons], got shape {tuple(values.shape)}")
-        self.n = int(values.shape[1] * values.shape[2])
-        self._fp16 = values.dtype == torch.float16
-        if self._fp16:
-            bits = values.contiguous().numpy().view(np.uint16)
-            self._table = np.arange(_FP16_PATTERNS, dtype=np.uint16).view(np.float16).astype(np.float32)
-            self._cum = np.stack(
-                [
-                    # NaN patterns (> 0x7C00) are counted in n but never "above" anything
-                    np.cumsum(np.bincount((bits[i] & 0x7FFF).ravel(), minlength=0x8000)[:_FP16_PATTERNS])
-                    for i in range(values.shape[0])
-                ]
-            )
-        else:
-            self._sorted = [np.sort(values[i].float().abs().numpy().ravel()) for i in range(values.shape[0])]
-
-    def threshold(self, layer_index: int, density: float) -> float:
-        """Same value as :func:`sparselab.rules.layer_threshold` on that layer's magnitudes."""
-        drop = int(round((1.0 - density) * self.n))
-        if drop <= 0:
-            return float("-inf")
-        if self._fp16:
-            return float(self._table[min(int(np.searchsorted(self._cum[layer_index], drop)), _FP16_PATTERNS - 1)])
-        return float(self._sorted[layer_index][drop - 1])
-
-    def share_above(self, layer_index: int, tau: float) -> float:
-        """Share of the layer's magnitudes ``> tau`` (compared in float32, as torch does)."""
-        tau32 = np.float32(tau)
-        if self._fp16:
-            cum = self._cum[layer_index]
-            at_most = int(np.searchsorted(self._table, tau32, side="right"))
-            below = int(cum[at_most - 1]) if at_most > 0 else 0
-            return (int(cum[-1]) - below) / self.n
-        s = self._sorted[layer_index]
-        finite = len(s) - int(np.isnan(s).sum())
-        return (finite - int(np.searchsorted(s[:finite], tau32, side="right"))) / self.n
-
-    def quantile(self, layer_index: int, q: float) -> float:
-        """Order-statistic ``q`` quantile of the layer's magnitudes."""
-        return self.threshold(layer_index, 1.0 - q)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -255,11 +198,7 @@ class Dashboard:
         self._sent: dict[str, dict[str, Any]] = {}
         self.figures = {}
         for name, fig in self._fresh_figures(rule_now, layer_now, mask, densities).items():
-            self.figures[name] = go.FigureWidget(fig)
-            self._sent[name] = {
-                "traces": [t.to_plotly_json() for t in fig.data],
-                "layout": {k: fig.layout[k] for k in _LAYOUT_KEYS},
-            }
+            self._show(name, fig)
         self._report(start, rule_now, layer_now, mask)
 
         pages = {
@@ -714,6 +653,12 @@ class Dashboard:
             out["live_time"] = figures_live.time_split_bars(live.time_split(result))
         return out
 
+    def _show(self, name: str, fig: go.Figure) -> None:
+        """Display ``fig`` as widget ``name`` and remember what was sent, for :func:`_sync`."""
+        self.figures[name] = go.FigureWidget(fig)
+        self._sent[name] = {"traces": [t.to_plotly_json() for t in fig.data],
+                            "layout": {k: fig.layout[k] for k in _LAYOUT_KEYS}}
+
     def _draw_live(self, result, all_figures: bool) -> None:
         if result.n_steps == 0:
             self._live_status.value += " &nbsp;·&nbsp; no decode step (generation stopped at once)"
@@ -721,9 +666,7 @@ class Dashboard:
         start = time.perf_counter()
         if "live_heatmap" not in self.figures:
             for name, fig in self._live_figures_now(result, all_figures=True).items():
-                self.figures[name] = go.FigureWidget(fig)
-                self._sent[name] = {"traces": [t.to_plotly_json() for t in fig.data],
-                                    "layout": {k: fig.layout[k] for k in _LAYOUT_KEYS}}
+                self._show(name, fig)
             self._live_figures.children = [self.figures[n] for n in
                                            ("live_heatmap", "live_density", "live_cache", "live_time")]
         else:

@@ -11,17 +11,28 @@ template :data:`TEMPLATE`, a title, labelled axes, layers coloured along one col
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from sparselab.figure_style import (
+    ACTIVE_COLOR,
+    BASELINE_DASH,
+    HIGHLIGHT_COLOR,
+    TEMPLATE,
+    hline,
+    layer_colors,
+    new_figure,
+    one_layer,
+    require_columns,
+    select_layers,
+    template,
+    unstyled,
+)
 from sparselab.masks import Masks
 
 __all__ = [
@@ -35,102 +46,6 @@ __all__ = [
     "unstyled",
     "window_reuse_curves",
 ]
-
-TEMPLATE = "plotly_white"
-LAYER_SCALE = "Viridis"
-ACTIVE_COLOR = "#1f4e99"
-BASELINE_DASH = "dash"
-HIGHLIGHT_COLOR = "#d62728"
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-# Applying a template deep-copies and validates it (~0.1 s a figure). A dashboard that
-# copies fresh figures' data into widgets already styled skips it, see `unstyled()`.
-_STYLED: ContextVar[bool] = ContextVar("sparselab_figures_styled", default=True)
-
-
-@contextmanager
-def unstyled() -> Iterator[None]:
-    """Build figures without the template (fast), for in-place updates of styled widgets.
-
-        >>> with sl.figures.unstyled():
-        ...     fresh = sl.figures.churn_over_tokens(df, layer=3)
-    """
-    token = _STYLED.set(False)
-    try:
-        yield
-    finally:
-        _STYLED.reset(token)
-
-
-def _figure(title: str, x_title: str, y_title: str, height: int = 420, **layout: Any) -> go.Figure:
-    # one Layout construction (plotly validates per call, so fewer calls is faster)
-    spec: dict[str, Any] = {
-        "title": {"text": title},
-        "xaxis": {"title": {"text": x_title}},
-        "yaxis": {"title": {"text": y_title}},
-        "height": height,
-        "margin": {"l": 70, "r": 30, "t": 60, "b": 60},
-        **layout,
-    }
-    spec["template"] = _template()
-    return go.Figure(layout=spec)
-
-
-def _template() -> str | dict:
-    # an empty template also skips plotly's default one (validated on every figure)
-    return TEMPLATE if _STYLED.get() else {}
-
-
-def _hline(y: float, text: str) -> dict[str, list[dict[str, Any]]]:
-    """Layout entries for a dashed horizontal reference line across the plot."""
-    return {
-        "shapes": [{"type": "line", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": y, "y1": y,
-                    "line": {"dash": BASELINE_DASH, "color": "gray", "width": 1}}],
-        "annotations": [{"xref": "paper", "x": 0, "yref": "y", "y": y, "text": text, "showarrow": False,
-                         "xanchor": "left", "yanchor": "bottom", "font": {"color": "gray"}}],
-    }
-
-
-def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{what} expects a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} needs columns {missing}; got {list(df.columns)}")
-
-
-def _layers(df: pd.DataFrame, layers: Sequence[int] | None) -> list[int]:
-    present = sorted(int(x) for x in df["layer"].unique())
-    if layers is None:
-        return present
-    unknown = [x for x in layers if x not in present]
-    if unknown:
-        raise ValueError(f"layers {unknown} not in the frame (layers: {present})")
-    return [int(x) for x in layers]
-
-
-def _layer_colors(layers: Sequence[int]) -> dict[int, str]:
-    if len(layers) == 1:
-        return {layers[0]: ACTIVE_COLOR}
-    points = np.linspace(0.0, 0.9, len(layers))  # the top of Viridis is too pale on white
-    return dict(zip(layers, sample_colorscale(LAYER_SCALE, list(points)), strict=True))
-
-
-def _one_layer(df: pd.DataFrame, layer: int | None, what: str) -> int:
-    present = sorted(int(x) for x in df["layer"].unique())
-    if layer is not None and df.empty:
-        return int(layer)
-    if layer is None:
-        if len(present) != 1:
-            raise ValueError(f"{what}: the frame holds layers {present}; pick one with layer=")
-        return present[0]
-    if int(layer) not in present:
-        raise ValueError(f"{what}: layer {layer} not in the frame (layers: {present})")
-    return int(layer)
-
 
 def _piece_label(piece: Any) -> str:
     text = str(piece).replace("\n", "\u23ce").replace("\t", "\u21e5")
@@ -155,10 +70,10 @@ def density_by_layer(
     :func:`sparselab.metrics.summary`). With a ``rule`` column, one bar group per rule.
     ``target`` draws a horizontal reference line; ``highlight`` colours one layer's bar.
     """
-    _require(df, ["layer", "density"], "density_by_layer")
+    require_columns(df, ["layer", "density"], "density_by_layer")
     groups = list(df.groupby("rule", sort=False)) if "rule" in df.columns else [(None, df)]
-    extra = _hline(float(target), f"target {target:g}") if target is not None else {}
-    fig = _figure(title, "layer", "density (share of neurons active)", height=360, barmode="group",
+    extra = hline(float(target), f"target {target:g}") if target is not None else {}
+    fig = new_figure(title, "layer", "density (share of neurons active)", height=360, barmode="group",
                   showlegend=len(groups) > 1, **extra)
     fig.update_yaxes(range=[0, 1.02])
     for name, part in groups:
@@ -245,7 +160,7 @@ def token_heatmap(
         f"{i} {_piece_label(pieces[i])}" if pieces is not None else str(i) for i in range(len(rows))
     ]
     label = "" if layer is None else f", layer {layer}"
-    fig = _figure(
+    fig = new_figure(
         title or f"Active neurons per token{label}",
         x_title,
         "token",
@@ -286,8 +201,8 @@ def churn_over_tokens(
     breaks at sequence boundaries (churn is never measured across them). The dashed
     line is ``random_churn`` (independent masks of the same sizes) when present.
     """
-    _require(df, ["layer", "token", "seq_id", "churn"], "churn_over_tokens")
-    layer = _one_layer(df, layer, "churn_over_tokens")
+    require_columns(df, ["layer", "token", "seq_id", "churn"], "churn_over_tokens")
+    layer = one_layer(df, layer, "churn_over_tokens")
     part = df[df["layer"] == layer].sort_values("token")
     if max_tokens is not None:
         part = part[part["token"] < max_tokens]
@@ -296,7 +211,7 @@ def churn_over_tokens(
     breaks = part.groupby("seq_id", sort=False).tail(1).assign(**blank)
     breaks = breaks.assign(token=breaks["token"] + 0.5)
     shown = pd.concat([part, breaks]).sort_values("token", kind="stable")
-    fig = _figure(
+    fig = new_figure(
         title or f"Churn between consecutive tokens, layer {layer}",
         "token",
         "churn (share of neurons changed)",
@@ -345,7 +260,7 @@ def _curves_by_layer(
     show_legend: bool = True,
     error: str | None = None,
 ) -> None:
-    colors = _layer_colors(layers)
+    colors = layer_colors(layers)
     where = {} if row is None else {"row": row, "col": col}
     for layer in layers:
         part = df[df["layer"] == layer].sort_values(x)
@@ -391,8 +306,8 @@ def window_reuse_curves(
     lines: independent masks of the same density.
     """
     needed = ["layer", "window", "footprint", "new_fraction", "random_footprint", "random_new_fraction"]
-    _require(df, needed, "window_reuse_curves")
-    layers = _layers(df, layers)
+    require_columns(df, needed, "window_reuse_curves")
+    layers = select_layers(df, layers)
     fig = make_subplots(
         rows=1,
         cols=2,
@@ -402,7 +317,7 @@ def window_reuse_curves(
     _curves_by_layer(fig, df, layers, "window", "footprint", "random_footprint", "random reuse", 1, 1)
     _curves_by_layer(fig, df, layers, "window", "new_fraction", "random_new_fraction", "random reuse",
                      1, 2, show_legend=False)
-    fig.update_layout(template=_template(), title={"text": title + " (dashed: random masks, same density)"},
+    fig.update_layout(template=template(), title={"text": title + " (dashed: random masks, same density)"},
                       height=420, margin={"l": 70, "r": 30, "t": 80, "b": 60})
     fig.update_xaxes(type="log", title_text="window k (tokens)", dtick=np.log10(2))
     fig.update_yaxes(title_text="footprint (share of neurons)", row=1, col=1)
@@ -421,9 +336,9 @@ def neuron_frequency_cdf(
     what equally frequent neurons would give; the further above it, the more a few hot
     neurons carry (PowerInfer).
     """
-    _require(df, ["layer", "rank_fraction", "cum_share"], "neuron_frequency_cdf")
-    layers = _layers(df, layers)
-    fig = _figure(title, "share of neurons (most frequent first)", "share of activations covered")
+    require_columns(df, ["layer", "rank_fraction", "cum_share"], "neuron_frequency_cdf")
+    layers = select_layers(df, layers)
+    fig = new_figure(title, "share of neurons (most frequent first)", "share of activations covered")
     _curves_by_layer(fig, df, layers, "rank_fraction", "cum_share", None, "")
     fig.add_trace(
         go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="uniform",
@@ -444,9 +359,9 @@ def batch_union_curves(
     ``df``: frame of :func:`sparselab.metrics.batch_union`; error bars are the std over
     the random batches.
     """
-    _require(df, ["layer", "size", "union_density", "independent"], "batch_union_curves")
-    layers = _layers(df, layers)
-    fig = _figure(title + " (dashed: independent masks)", "batch size B (tokens)",
+    require_columns(df, ["layer", "size", "union_density", "independent"], "batch_union_curves")
+    layers = select_layers(df, layers)
+    fig = new_figure(title + " (dashed: independent masks)", "batch size B (tokens)",
                   "union density (share of neurons)")
     error = "union_std" if "union_std" in df.columns else None
     _curves_by_layer(fig, df, layers, "size", "union_density", "independent", "independent", error=error)
@@ -471,9 +386,9 @@ def activation_magnitude_by_layer(
         from sparselab.metrics import activation_magnitude
 
         data = activation_magnitude(data)
-    _require(data, ["layer", "median"], "activation_magnitude_by_layer")
+    require_columns(data, ["layer", "median"], "activation_magnitude_by_layer")
     df = data.sort_values("layer")
-    fig = _figure(title, "layer", "|h|", height=360)
+    fig = new_figure(title, "layer", "|h|", height=360)
     if {"q10", "q90"} <= set(df.columns):
         x = df["layer"].to_numpy()
         fig.add_trace(

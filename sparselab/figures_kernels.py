@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from sparselab.figures import ACTIVE_COLOR, BASELINE_DASH, TEMPLATE, _require
+from sparselab.figure_style import ACTIVE_COLOR, BASELINE_DASH, TEMPLATE, require_columns
 
 __all__ = ["METHOD_NAMES", "mlp_time_vs_density", "update_cost"]
 
@@ -55,7 +55,7 @@ def update_cost(df: pd.DataFrame, density: float, swaps: int, title: str | None 
     active neurons for both - the update should stay flat, the re-gather grow. Hover
     shows the rows each call copies.
     """
-    _require(df, ["density", "n_active", "method", "neurons_swapped", "median_ms", "rows_copied"], "update_cost")
+    require_columns(df, ["density", "n_active", "method", "neurons_swapped", "median_ms", "rows_copied"], "update_cost")
     density = _pick(np.sort(df["density"].unique()), density, "density")
     upd = df[df["method"] == "update_rows"]
     reg = df[df["method"] == "full_regather"].sort_values("n_active")
@@ -106,7 +106,7 @@ def mlp_time_vs_density(df: pd.DataFrame, title: str = "Sparse MLP time vs densi
     the dense kernel's bandwidth would take. Right: speedup over dense with the line
     ``1 / d``.
     """
-    _require(df, ["density", "method", "median_ms"], "mlp_time_vs_density")
+    require_columns(df, ["density", "method", "median_ms"], "mlp_time_vs_density")
     if "dense_torch" not in set(df["method"]):
         raise ValueError("mlp_time_vs_density needs the 'dense_torch' rows (the reference)")
     for key in ("shape", "dtype", "threads"):

@@ -17,7 +17,8 @@ from collections.abc import Sequence
 import pandas as pd
 import plotly.graph_objects as go
 
-from sparselab.figures import ACTIVE_COLOR, _figure, _require, token_heatmap
+from sparselab.figure_style import ACTIVE_COLOR, new_figure, require_columns
+from sparselab.figures import token_heatmap
 from sparselab.masks import Masks
 
 __all__ = [
@@ -82,9 +83,9 @@ def step_layer_density(stats: pd.DataFrame, title: str = "Share of neurons compu
     ``stats``: :attr:`sparselab.live.LiveResult.stats` (one row per step and layer; with
     several rows per step and layer, e.g. ``union=False``, their mean is shown).
     """
-    _require(stats, ["step", "layer", "density"], "step_layer_density")
+    require_columns(stats, ["step", "layer", "density"], "step_layer_density")
     grid = stats.pivot_table(index="step", columns="layer", values="density", aggfunc="mean").sort_index()
-    fig = _figure(title, "layer", "decode step", height=max(300, min(700, 16 * len(grid) + 140)),
+    fig = new_figure(title, "layer", "decode step", height=max(300, min(700, 16 * len(grid) + 140)),
                   yaxis={"title": {"text": "decode step"}, "autorange": "reversed"})
     fig.add_trace(go.Heatmap(
         z=grid.to_numpy(), x=[int(c) for c in grid.columns], y=grid.index.to_numpy(), zmin=0, zmax=1,
@@ -103,9 +104,9 @@ def cache_traffic_bars(traffic: pd.DataFrame, title: str = "Weight-cache traffic
     first step loads the whole active set (the cache starts cold); without a cache
     (oracle, static) the bars are 0 and the line says what a cache would have churned.
     """
-    _require(traffic, ["step", "rows_copied", "changed"], "cache_traffic_bars")
+    require_columns(traffic, ["step", "rows_copied", "changed"], "cache_traffic_bars")
     part = traffic.sort_values("step")
-    fig = _figure(title, "decode step", "rows (summed over layers)", height=340,
+    fig = new_figure(title, "decode step", "rows (summed over layers)", height=340,
                   legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
     fig.add_trace(go.Bar(x=part["step"].to_numpy(), y=part["rows_copied"].to_numpy(), name="rows copied",
                          marker_color=ACTIVE_COLOR,
@@ -124,11 +125,11 @@ def time_split_bars(split: pd.DataFrame, title: str = "Where each decode step's 
     ``split``: long frame of :func:`sparselab.live.time_split` (``step, component, ms``).
     Component order follows the frame's categories (or first appearance).
     """
-    _require(split, ["step", "component", "ms"], "time_split_bars")
+    require_columns(split, ["step", "component", "ms"], "time_split_bars")
     comps = split["component"]
     order = list(comps.cat.categories) if isinstance(comps.dtype, pd.CategoricalDtype) else \
         list(dict.fromkeys(comps))
-    fig = _figure(title, "decode step", "time (ms)", height=360, barmode="stack",
+    fig = new_figure(title, "decode step", "time (ms)", height=360, barmode="stack",
                   legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
     for name in order:
         part = split[split["component"] == name].sort_values("step")
@@ -146,13 +147,13 @@ def predictor_quality(df: pd.DataFrame, title: str | None = None) -> go.Figure:
     ``df``: frame of :meth:`sparselab.predictors.Predictors.evaluate`. A dotted line
     marks the predicted density (share of neurons the predictors keep), when present.
     """
-    _require(df, ["layer", *QUALITY_COLUMNS], "predictor_quality")
+    require_columns(df, ["layer", *QUALITY_COLUMNS], "predictor_quality")
     part = df.sort_values("layer")
     x = part["layer"].to_numpy()
     if title is None:
         bits = [str(part[c].iloc[0]) for c in ("rule", "policy") if c in part.columns and len(part)]
         title = "Predictor quality by layer" + (f" ({', '.join(bits)})" if bits else "")
-    fig = _figure(title, "layer", "share", height=380, barmode="group",
+    fig = new_figure(title, "layer", "share", height=380, barmode="group",
                   legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"})
     for column, (name, color) in QUALITY_COLUMNS.items():
         fig.add_trace(go.Bar(x=x, y=part[column].to_numpy(dtype=float), name=name, marker_color=color,

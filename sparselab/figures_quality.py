@@ -22,16 +22,16 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
-from sparselab.figures import (
+from sparselab.figure_style import (
     ACTIVE_COLOR,
     BASELINE_DASH,
-    _figure,
-    _hline,
-    _layer_colors,
-    _layers,
-    _one_layer,
-    _require,
-    _template,
+    hline,
+    layer_colors,
+    new_figure,
+    one_layer,
+    require_columns,
+    select_layers,
+    template,
 )
 
 __all__ = [
@@ -77,7 +77,7 @@ def magnitude_quantiles(df: pd.DataFrame, title: str = "Activation magnitudes by
     ``df``: frame of :func:`sparselab.calibration.magnitude_quantiles`. Log y: a line
     that climbs across layers is why one global threshold cannot fit every layer.
     """
-    _require(df, ["source", "layer", "quantile", "value"], "magnitude_quantiles")
+    require_columns(df, ["source", "layer", "quantile", "value"], "magnitude_quantiles")
     sources = list(dict.fromkeys(df["source"]))
     qs = sorted(df["quantile"].unique())
     colors = dict(zip(qs, sample_colorscale("Viridis", list(np.linspace(0.0, 0.85, len(qs)))), strict=True))
@@ -94,7 +94,7 @@ def magnitude_quantiles(df: pd.DataFrame, title: str = "Activation magnitudes by
                            hovertemplate=f"{source} q{100 * q:g}<br>layer %{{x}}<br>%{{y:.4f}}<extra></extra>"),
                 row=1, col=col,
             )
-    fig.update_layout(template=_template(), title={"text": title + " (quantiles over tokens and neurons)"},
+    fig.update_layout(template=template(), title={"text": title + " (quantiles over tokens and neurons)"},
                       height=400, margin={"l": 70, "r": 30, "t": 80, "b": 60}, legend_title_text="quantile")
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(type="log")
@@ -114,13 +114,13 @@ def layer_density_spread(
     calibrated thresholds; dashed: one global threshold; colour: source. The grey dashed
     line is the target.
     """
-    _require(df, ["scheme", "source", "target_density", "layer", "density"], "layer_density_spread")
+    require_columns(df, ["scheme", "source", "target_density", "layer", "density"], "layer_density_spread")
     targets = np.asarray(sorted(df["target_density"].unique()), dtype=float)
     if not np.isclose(targets, target_density).any():
         raise ValueError(f"target density {target_density} not in the frame (targets: {targets.tolist()})")
     part = df[np.isclose(df["target_density"].to_numpy(dtype=float), target_density)]
-    fig = _figure(title or f"Density per layer at target {target_density:g}", "layer",
-                  "density (share of neurons kept)", height=380, **_hline(target_density, "target"))
+    fig = new_figure(title or f"Density per layer at target {target_density:g}", "layer",
+                  "density (share of neurons kept)", height=380, **hline(target_density, "target"))
     for (scheme, source), line in part.groupby(["scheme", "source"], sort=False):
         line = line.sort_values("layer")
         fig.add_trace(
@@ -164,8 +164,8 @@ def quality_vs_density(
     """
     if x not in ("density", "sparsity"):
         raise ValueError(f"x must be 'density' or 'sparsity', got {x!r}")
-    _require(df, ["mode", "density", metric, label], "quality_vs_density")
-    fig = _figure(title or f"{metric} vs {x}", f"{x} (share of neurons {'dropped' if x == 'sparsity' else 'kept'})",
+    require_columns(df, ["mode", "density", metric, label], "quality_vs_density")
+    fig = new_figure(title or f"{metric} vs {x}", f"{x} (share of neurons {'dropped' if x == 'sparsity' else 'kept'})",
                   metric, height=400)
     series = _quality_traces(df, metric, x, label)
     colors = _series_colors([name for name, _, _ in series])
@@ -223,7 +223,7 @@ def calibration_overview(
                                    line={"color": color, "dash": dash}), row=1, col=2)
     fig.add_hline(y=density, line={"color": "gray", "dash": BASELINE_DASH, "width": 1}, row=1, col=1)
     fig.add_vline(x=float(sparsity), line={"color": "gray", "dash": "dot", "width": 1}, row=1, col=2)
-    fig.update_layout(template=_template(), height=430, margin={"l": 70, "r": 30, "t": 90, "b": 60},
+    fig.update_layout(template=template(), height=430, margin={"l": 70, "r": 30, "t": 90, "b": 60},
                       title={"text": title or f"Uniform vs per-layer calibrated thresholds, sparsity {sparsity:g}"})
     fig.update_xaxes(title_text="layer", row=1, col=1)
     fig.update_xaxes(title_text="sparsity (share of neurons dropped)", row=1, col=2)
@@ -241,13 +241,13 @@ def mass_kept_by_layer(df: pd.DataFrame, density: float, title: str | None = Non
     ``label``); the grey dashed line is the density itself, what a random set keeps in
     expectation.
     """
-    _require(df, ["layer", "density", "label", "mass_kept"], "mass_kept_by_layer")
+    require_columns(df, ["layer", "density", "label", "mass_kept"], "mass_kept_by_layer")
     values = df["density"].to_numpy(dtype=float)
     if not np.isclose(values, density).any():
         raise ValueError(f"density {density} not in the frame (densities: {sorted(set(values.tolist()))})")
     part = df[np.isclose(values, density)]
-    fig = _figure(title or f"Share of |h| mass kept on held-out tokens, density {density:g}", "layer",
-                  "mass kept (mean over tokens)", height=380, **_hline(float(density), "density"))
+    fig = new_figure(title or f"Share of |h| mass kept on held-out tokens, density {density:g}", "layer",
+                  "mass kept (mean over tokens)", height=380, **hline(float(density), "density"))
     labels = list(dict.fromkeys(df["label"]))
     colors = _series_colors(labels)
     for name in labels:
@@ -276,9 +276,9 @@ def cosine_by_layer(
     if not summaries:
         raise ValueError("give at least one summary")
     colors = _series_colors(list(summaries))
-    fig = _figure(title, "layer", "cosine similarity", height=400)
+    fig = new_figure(title, "layer", "cosine similarity", height=400)
     for name, df in summaries.items():
-        _require(df, ["layer", "mean", "q10", "q90"], "cosine_by_layer")
+        require_columns(df, ["layer", "mean", "q10", "q90"], "cosine_by_layer")
         df = df.sort_values("layer")
         x = df["layer"].to_numpy()
         color = colors[name]
@@ -302,7 +302,7 @@ def lookahead_recall(df: pd.DataFrame, rank: int | None = None, title: str | Non
     ``df``: frame of :func:`sparselab.predictor_study.predictor_sweep` with an ``input``
     column; ``rank`` picks one rank if the frame holds several.
     """
-    _require(df, ["layer", "rank", "input", "recall", "mass_kept", "random_recall", "random_mass_kept"],
+    require_columns(df, ["layer", "rank", "input", "recall", "mass_kept", "random_recall", "random_mass_kept"],
              "lookahead_recall")
     if rank is None:
         ranks = sorted(df["rank"].unique())
@@ -335,7 +335,7 @@ def lookahead_recall(df: pd.DataFrame, rank: int | None = None, title: str | Non
                                      line={"color": colors[name], "dash": BASELINE_DASH, "width": 1},
                                      hovertemplate="random mask<br>layer %{x}<br>%{y:.3f}<extra></extra>"),
                           row=1, col=col)
-    fig.update_layout(template=_template(), height=420, margin={"l": 70, "r": 30, "t": 80, "b": 60},
+    fig.update_layout(template=template(), height=420, margin={"l": 70, "r": 30, "t": 80, "b": 60},
                       title={"text": title or f"Look-ahead vs own input, rank {rank}"})
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(range=[0, 1.02])
@@ -362,14 +362,14 @@ def predictor_vs_rank(
     (``oracle_mass_kept``), the ceiling of any predictor at that density.
     """
     _check_metric(metric)
-    _require(df, ["layer", "rank", metric], "predictor_vs_rank")
+    require_columns(df, ["layer", "rank", metric], "predictor_vs_rank")
     if "input" in df.columns and df["input"].nunique() > 1:
         raise ValueError(f"the frame holds several inputs {sorted(df['input'].unique())}; filter one")
-    layers = _layers(df, layers)
-    colors = _layer_colors(layers)
+    layers = select_layers(df, layers)
+    colors = layer_colors(layers)
     baseline = PREDICTOR_METRICS[metric]
     note = " (dashed: random mask, same density" + (", dotted: best mask)" if metric == "mass_kept" else ")")
-    fig = _figure(title or f"Predictor {metric} vs rank" + (note if baseline else ""), "rank", metric, height=400)
+    fig = new_figure(title or f"Predictor {metric} vs rank" + (note if baseline else ""), "rank", metric, height=400)
     for layer in layers:
         part = df[df["layer"] == layer].sort_values("rank")
         x = part["rank"].to_numpy()
@@ -397,13 +397,13 @@ def predictor_metrics(df: pd.DataFrame, layer: int, title: str | None = None) ->
 
         >>> sl.figures_quality.predictor_metrics(sweep_df, layer=10)
     """
-    _require(df, ["layer", "rank", *PREDICTOR_METRICS], "predictor_metrics")
-    layer = _one_layer(df, layer, "predictor_metrics")
+    require_columns(df, ["layer", "rank", *PREDICTOR_METRICS], "predictor_metrics")
+    layer = one_layer(df, layer, "predictor_metrics")
     part = df[df["layer"] == layer].sort_values("rank")
     if "input" in part.columns and part["input"].nunique() > 1:
         raise ValueError(f"the frame holds several inputs {sorted(part['input'].unique())}; filter one")
     colors = _series_colors(list(PREDICTOR_METRICS))
-    fig = _figure(title or f"Predictor quality vs rank, layer {layer} (dashed: random mask, same density)",
+    fig = new_figure(title or f"Predictor quality vs rank, layer {layer} (dashed: random mask, same density)",
                   "rank", "share", height=400)
     x = part["rank"].to_numpy()
     for metric, baseline in PREDICTOR_METRICS.items():

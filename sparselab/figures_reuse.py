@@ -20,15 +20,15 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from sparselab.figures import (
+from sparselab.figure_style import (
     ACTIVE_COLOR,
     BASELINE_DASH,
     TEMPLATE,
-    _figure,
-    _layer_colors,
-    _layers,
-    _one_layer,
-    _require,
+    layer_colors,
+    new_figure,
+    one_layer,
+    require_columns,
+    select_layers,
 )
 
 __all__ = [
@@ -51,7 +51,7 @@ def _with_model(window: pd.DataFrame, model: pd.DataFrame | None) -> pd.DataFram
     """Window frame joined with the frequency model on ``window == size`` (if given)."""
     if model is None:
         return window
-    _require(model, ["layer", "size", "frequency_union", "frequency_new"], "frequency model")
+    require_columns(model, ["layer", "size", "frequency_union", "frequency_new"], "frequency model")
     cols = model[["layer", "size", "frequency_union", "frequency_new"]].rename(columns={"size": "window"})
     return window.merge(cols, on=["layer", "window"], how="left")
 
@@ -72,11 +72,11 @@ def aggregated_sparsity(
     ``model``, a frame of :func:`sparselab.independence.frequency_model`): each neuron at
     its own frequency.
     """
-    _require(window, ["layer", "window", "footprint", "random_footprint"], "aggregated_sparsity")
-    layers = _layers(window, layers)
+    require_columns(window, ["layer", "window", "footprint", "random_footprint"], "aggregated_sparsity")
+    layers = select_layers(window, layers)
     df = _with_model(window, model)
-    colors = _layer_colors(layers)
-    fig = _figure(title + " (dashed: random reuse, dotted: frequency-matched)", "window k (tokens)",
+    colors = layer_colors(layers)
+    fig = new_figure(title + " (dashed: random reuse, dotted: frequency-matched)", "window k (tokens)",
                   "aggregated sparsity (share of neurons never needed)")
     floor = 1e-6  # random baselines reach 1e-10 quickly; a floor keeps the data readable
     for layer in layers:
@@ -115,9 +115,9 @@ def window_reuse_vs_models(
     dashed, frequency-matched dotted. Data below the dotted line means neighbouring
     tokens share neurons beyond what hot neurons explain.
     """
-    _require(window, ["layer", "window", "footprint", "new_fraction", "random_footprint",
+    require_columns(window, ["layer", "window", "footprint", "new_fraction", "random_footprint",
                       "random_new_fraction"], "window_reuse_vs_models")
-    layer = _one_layer(window, layer, "window_reuse_vs_models")
+    layer = one_layer(window, layer, "window_reuse_vs_models")
     part = _with_model(window, model)
     part = part[part["layer"] == layer].sort_values("window")
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
@@ -156,10 +156,10 @@ def frequency_ecdf(
     step near the layer's density means equally busy neurons; a long flat stretch means
     cold neurons next to hot ones.
     """
-    _require(freq, ["layer", "frequency"], "frequency_ecdf")
-    layers = _layers(freq, layers)
-    colors = _layer_colors(layers)
-    fig = _figure(title, "firing frequency (share of tokens where the neuron is active)",
+    require_columns(freq, ["layer", "frequency"], "frequency_ecdf")
+    layers = select_layers(freq, layers)
+    colors = layer_colors(layers)
+    fig = new_figure(title, "firing frequency (share of tokens where the neuron is active)",
                   "share of neurons (cumulative)")
     for layer in layers:
         f = np.sort(freq.loc[freq["layer"] == layer, "frequency"].to_numpy())
@@ -181,10 +181,10 @@ def hit_rate_curves(hits: pd.DataFrame, layer: int, title: str | None = None) ->
     ``hits``: frame of :func:`sparselab.hotset.hit_rate`. Held-out (the set chosen on
     other texts), in-sample, oracle (the test texts' own hottest neurons) and random.
     """
-    _require(hits, ["layer", "fraction", "in_sample", "held_out", "oracle", "random"], "hit_rate_curves")
-    layer = _one_layer(hits, layer, "hit_rate_curves")
+    require_columns(hits, ["layer", "fraction", "in_sample", "held_out", "oracle", "random"], "hit_rate_curves")
+    layer = one_layer(hits, layer, "hit_rate_curves")
     part = hits[hits["layer"] == layer].sort_values("fraction")
-    fig = _figure(title or f"Hot-set hit rate, layer {layer}", "hot set size (share of neurons)",
+    fig = new_figure(title or f"Hot-set hit rate, layer {layer}", "hot set size (share of neurons)",
                   "share of activations covered")
     x = np.concatenate([[0.0], part["fraction"].to_numpy()])
     series = [
@@ -207,13 +207,13 @@ def hit_rate_by_layer(hits: pd.DataFrame, fraction: float, title: str | None = N
 
         >>> sl.figures_reuse.hit_rate_by_layer(sl.hotset.hit_rate(train, test), fraction=0.2)
     """
-    _require(hits, ["layer", "fraction", "held_out", "oracle", "random"], "hit_rate_by_layer")
+    require_columns(hits, ["layer", "fraction", "held_out", "oracle", "random"], "hit_rate_by_layer")
     present = np.sort(hits["fraction"].unique())
     match = present[np.isclose(present, float(fraction))]
     if not len(match):
         raise ValueError(f"fraction {fraction} not in the frame (fractions: {present.tolist()})")
     part = hits[hits["fraction"] == match[0]].sort_values("layer")
-    fig = _figure(title or f"Hot set of {match[0]:.0%} of neurons, chosen on other texts",
+    fig = new_figure(title or f"Hot set of {match[0]:.0%} of neurons, chosen on other texts",
                   "layer", "share of held-out activations covered", height=380)
     x = part["layer"].to_numpy()
     fig.add_trace(go.Bar(x=x, y=part["held_out"].to_numpy(), name="held-out", marker_color=ACTIVE_COLOR,
@@ -236,10 +236,10 @@ def union_comparison_curves(union: pd.DataFrame, layer: int, title: str | None =
     independence curve ``1 - (1 - p)^B`` (dashed) and the frequency-matched one (dotted).
     """
     needed = ["layer", "size", "random_batch", "consecutive", "independent", "frequency_union"]
-    _require(union, needed, "union_comparison_curves")
-    layer = _one_layer(union, layer, "union_comparison_curves")
+    require_columns(union, needed, "union_comparison_curves")
+    layer = one_layer(union, layer, "union_comparison_curves")
     part = union[union["layer"] == layer].sort_values("size")
-    fig = _figure(title or f"Density of the union of B tokens' masks, layer {layer}", "batch size B (tokens)",
+    fig = new_figure(title or f"Density of the union of B tokens' masks, layer {layer}", "batch size B (tokens)",
                   "union density (share of neurons)",
                   legend={"orientation": "h", "y": -0.2, "yanchor": "top", "x": 0})
     x = part["size"].to_numpy()
@@ -265,12 +265,12 @@ def union_by_layer(union: pd.DataFrame, size: int, title: str | None = None) -> 
 
         >>> sl.figures_reuse.union_by_layer(sl.independence.union_comparison(masks), size=8)
     """
-    _require(union, ["layer", "size", "random_batch", "consecutive", "independent", "frequency_union"],
+    require_columns(union, ["layer", "size", "random_batch", "consecutive", "independent", "frequency_union"],
              "union_by_layer")
     if int(size) not in set(union["size"].astype(int)):
         raise ValueError(f"size {size} not in the frame (sizes: {sorted(union['size'].unique().tolist())})")
     part = union[union["size"] == int(size)].sort_values("layer")
-    fig = _figure(title or f"Union density of B = {int(size)} tokens by layer", "layer",
+    fig = new_figure(title or f"Union density of B = {int(size)} tokens by layer", "layer",
                   "union density (share of neurons)", height=380, barmode="group")
     x = part["layer"].to_numpy()
     fig.add_trace(go.Bar(x=x, y=part["random_batch"].to_numpy(), name="random batch", marker_color=ACTIVE_COLOR))

@@ -154,13 +154,13 @@ def _mask_taps(handle) -> tuple[list, dict[int, list[np.ndarray]]]:
     taps: dict[int, list[np.ndarray]] = {layer: [] for layer in handle.wrappers}
     handles = []
     for layer, wrapper in handle.wrappers.items():
-        if not hasattr(wrapper, "_prev"):
-            raise RuntimeError("this sparse runtime does not expose its masks (SparseMLP._prev)")
+        if not hasattr(wrapper, "last_mask"):
+            raise RuntimeError("this sparse runtime does not expose its masks (SparseMLP.last_mask)")
 
         def tap(module, args, output, _layer=layer):
             x = args[0]
             if x.dim() == 2 or x.shape[1] == 1:  # decode call: one token per row
-                taps[_layer].append(module._prev.numpy().copy())
+                taps[_layer].append(module.last_mask.numpy().copy())
 
         handles.append(wrapper.register_forward_hook(tap))
     return handles, taps

@@ -208,17 +208,29 @@ class SparseMLP(nn.Module):
         self.down_t = down_t
         self.static_idx = static_idx
         self.cache = None
-        if runtime.mode == "predicted" and runtime.use_cache and runtime.kernel == "fast":
+        self._indexed = None  # kernel (2) with the weights checked once
+        if down_t is not None and runtime.kernel == "fast":
             from sparselab import _fast
 
             gate_w, up_w = self._weights
-            self.cache = _fast.WeightCache(gate_w, up_w, down_t=down_t)
+            if runtime.mode == "predicted" and runtime.use_cache:
+                self.cache = _fast.WeightCache(gate_w, up_w, down_t=down_t)
+            else:
+                self._indexed = _fast.IndexedMLP(gate_w, up_w, down_t, runtime.activation)
         self.lookahead_input: torch.Tensor | None = None
         self._prev = torch.zeros(self.n_neurons, dtype=torch.bool)  # last mask, for churn
         self.static_mask = None
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
             self.static_mask[static_idx] = True
+
+    @property
+    def last_mask(self) -> torch.Tensor:
+        """Bool ``[n_neurons]``: the neuron set of the last call that chose one (all False
+        before the first). After a decode step this is the set the step computed with
+        (the union over the batch, or the last row's set with ``union=False``). Kept only
+        while statistics are recorded (``record_stats=True``, the default)."""
+        return self._prev
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_index}, mode={self.rt.mode!r}, kernel={self.rt.kernel!r}"
@@ -267,14 +279,12 @@ class SparseMLP(nn.Module):
             y = self.cache.forward(x2, rt.activation)
             return y, stats, t1 - t0, clock() - t1
         if idx is None:
-            idx = torch.nonzero(mask).squeeze(1)
+            idx = torch.from_numpy(np.flatnonzero(mask.numpy()))
         t0 = clock()
-        gate_w, up_w = self._weights
-        if rt.kernel == "fast":
-            from sparselab import _fast
-
-            y = _fast.sparse_mlp(x2, gate_w, up_w, self.down_t, idx.numpy(), rt.activation)
+        if self._indexed is not None:
+            y = self._indexed(x2, idx.numpy())
         else:
+            gate_w, up_w = self._weights
             g = gate_w.index_select(0, idx)
             u = up_w.index_select(0, idx)
             d = self.down_t.index_select(0, idx)
@@ -282,18 +292,25 @@ class SparseMLP(nn.Module):
         return y, None, 0, clock() - t0
 
     # -- recording -----------------------------------------------------------------------
-    def _record(self, phase: str, row: int, n_tokens: int, active: float, mask: torch.Tensor | None,
-                cache_stats, t_pred: int, t_mask: int, t_cache: int, t_mlp: int) -> None:
+    def _record(self, phase: str, row: int, n_tokens: int, active: float | None,
+                mask: torch.Tensor | None, cache_stats, t_pred: int, t_mask: int, t_cache: int,
+                t_mlp: int) -> None:
+        """Append one stats row; ``active=None`` counts the neurons of ``mask``."""
         if not self.rt.record_stats:
             return
+        if active is None:
+            active = int(np.count_nonzero(mask.numpy()))
         if cache_stats is not None:
             added, removed = cache_stats.added, cache_stats.removed
             rows, nbytes = cache_stats.rows_copied, cache_stats.bytes_moved
         else:
             added = removed = rows = nbytes = 0
             if mask is not None:
-                added = int((mask & ~self._prev).sum())
-                removed = int((self._prev & ~mask).sum())
+                # numpy on the shared buffers: a few us, where four torch ops cost ~25
+                now, before = mask.numpy(), self._prev.numpy()
+                changed = now != before
+                added = int(np.count_nonzero(changed & now))
+                removed = int(np.count_nonzero(changed)) - added
             if self.rt.kernel == "torch" and self.rt.mode != "oracle" and mask is not None:
                 # the torch path gathers the active rows of gate, up and down on every call
                 rows = int(active)
@@ -372,11 +389,11 @@ class SparseMLP(nn.Module):
         t1 = clock()
         if rt.mode == "oracle":
             y = self.down_proj(h * u).reshape(x.shape)
-            self._record("prefill", -1, x2.shape[0], int(u.sum()), u, None, 0, t1 - t0, 0, clock() - t1)
+            self._record("prefill", -1, x2.shape[0], None, u, None, 0, t1 - t0, 0, clock() - t1)
             return y
         idx = self.static_idx if rt.mode == "static" else None
         y, cst, t_cache, t_mlp = self._run_set(x2, u, idx)
-        self._record("prefill", -1, x2.shape[0], int(u.sum()), u, cst, t_pred, t1 - t0 - t_pred,
+        self._record("prefill", -1, x2.shape[0], None, u, cst, t_pred, t1 - t0 - t_pred,
                      t_cache, t_mlp)
         return y.reshape(x.shape)
 
@@ -395,12 +412,12 @@ class SparseMLP(nn.Module):
             if rt.union:
                 u = m.any(0)
                 y = self.down_proj(h * u)
-                self._record("decode", -1, x2.shape[0], int(u.sum()), u, None, 0, t1 - t0, 0, clock() - t1)
+                self._record("decode", -1, x2.shape[0], None, u, None, 0, t1 - t0, 0, clock() - t1)
             else:
                 y = self.down_proj(h * m)
                 t2 = clock()
                 for r in range(x2.shape[0]):
-                    self._record("decode", r, 1, int(m[r].sum()), m[r], None, 0, t1 - t0, 0, t2 - t1)
+                    self._record("decode", r, 1, None, m[r], None, 0, t1 - t0, 0, t2 - t1)
             return y.reshape(x.shape)
         m = self._predict(x2)
         t1 = clock()
@@ -408,14 +425,14 @@ class SparseMLP(nn.Module):
             u = m.any(0)
             t2 = clock()
             y, cst, t_cache, t_mlp = self._run_set(x2, u, None)
-            self._record("decode", -1, x2.shape[0], int(u.sum()), u, cst, t1 - t0, t2 - t1,
+            self._record("decode", -1, x2.shape[0], None, u, cst, t1 - t0, t2 - t1,
                          t_cache, t_mlp)
             return y.reshape(x.shape)
         rows = []
         for r in range(x2.shape[0]):
             y_r, cst, t_cache, t_mlp = self._run_set(x2[r : r + 1], m[r], None)
             rows.append(y_r)
-            self._record("decode", r, 1, int(m[r].sum()), m[r], cst, t1 - t0 if r == 0 else 0, 0,
+            self._record("decode", r, 1, None, m[r], cst, t1 - t0 if r == 0 else 0, 0,
                          t_cache, t_mlp)
         return torch.cat(rows).reshape(x.shape)
 

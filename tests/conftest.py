@@ -26,3 +26,16 @@ def small_trace(real_model):
 
     model, tokenizer = real_model
     return sl.record(model, tokenizer, sl.load_corpus(n=8), max_length=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def embedded_tokenizer():
+    """The embedded model's tokenizer (no weights loaded), with a pad token."""
+    from transformers import AutoTokenizer
+
+    import sparselab as sl
+
+    tok = AutoTokenizer.from_pretrained(str(sl.models.embedded_model_dir()))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok

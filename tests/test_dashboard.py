@@ -10,7 +10,8 @@ import torch
 
 import sparselab as sl
 from sparselab import figures_live, live, metrics, rules
-from sparselab.dashboard_app import Dashboard, MagnitudeIndex
+from sparselab.dashboard_app import Dashboard
+from sparselab.magnitudes import MagnitudeIndex
 from sparselab.masks import Masks
 from sparselab.trace import Trace
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sparselab as sl
+from sparselab.testing.tiny import tiny_llama
 
 H, N, LAYERS = 64, 160, 2
 TEXTS = [
@@ -19,25 +20,15 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(sl.models.embedded_model_dir()))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=N,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=True,
+    return tiny_llama(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=N,
+                      num_layers=LAYERS, tie_word_embeddings=True,
                       initializer_range=0.15)  # large enough that the MLPs move the logits
-    return LlamaForCausalLM(cfg).eval()
 
 
 class StandInPredictors:

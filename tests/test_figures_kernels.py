@@ -1,18 +1,13 @@
-"""sl.figures_kernels on small benchmark-shaped frames, and bench_kernels.update_sweep."""
+"""sl.figures_kernels on small benchmark-shaped frames, and kernel_bench.update_sweep."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from sparselab import figures_kernels
-
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+from sparselab import figures_kernels, kernel_bench
 
 
 def _mlp_frame() -> pd.DataFrame:
@@ -66,13 +61,8 @@ def test_update_cost_panels():
 
 
 def test_update_sweep_counts_rows_structurally():
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        import bench_kernels
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
     threads = torch.get_num_threads()
-    df = pd.DataFrame(bench_kernels.update_sweep(densities=(0.05, 0.5), swaps=(1, 16, 200), reps=1))
+    df = pd.DataFrame(kernel_bench.update_sweep(densities=(0.05, 0.5), swaps=(1, 16, 200), reps=1))
     assert torch.get_num_threads() == threads
     upd = df[df.method == "update_rows"]
     # paired replacement: a k-swap writes exactly the k entering neurons' rows, whatever

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import sparselab as sl
 from sparselab.record import Recorder, record
+from sparselab.testing.tiny import tiny_llama
 
 N_LAYERS, HIDDEN, NEURONS, VOCAB = 3, 32, 48, 100
 TEXTS = [
@@ -41,20 +42,9 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=NEURONS,
-        num_hidden_layers=N_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
+                      num_layers=N_LAYERS, max_position_embeddings=64, pad_token_id=0,
+                      bos_token_id=None, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import sparselab as sl
 from sparselab import residual
+from sparselab.testing.tiny import tiny_llama
 
 H, N, LAYERS = 64, 96, 3
 TEXTS = ["A short text.", "def f(x):\n    return x * 2  # a longer piece of code with more tokens",
@@ -17,24 +18,15 @@ TEXTS = ["A short text.", "def f(x):\n    return x * 2  # a longer piece of code
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(sl.models.embedded_model_dir()))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
+def tokenizer(embedded_tokenizer):
+    return embedded_tokenizer
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=N,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.1)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=N,
+                      num_layers=LAYERS, tie_word_embeddings=True,
+                      initializer_range=0.1)
 
 
 def test_residual_cosine_matches_hidden_states(model, tokenizer):

@@ -8,19 +8,16 @@ import torch
 
 import sparselab as sl
 from sparselab.sparse import AlreadySparsifiedError, SparseMLP, sparsify, static_from_trace
+from sparselab.testing import tiny
 from sparselab.trace import Trace
 
 H, N, LAYERS, VOCAB = 64, 200, 3, 101  # N not a multiple of 64: exercises the tail word
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=H, intermediate_size=N,
-                      num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, pad_token_id=0)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny.tiny_llama(vocab_size=VOCAB, hidden_size=H, intermediate_size=N,
+                           num_layers=LAYERS, seed=seed, max_position_embeddings=64,
+                           pad_token_id=0)
 
 
 def tiny_phi3(seed: int = 0):

@@ -31,6 +31,7 @@ from sparselab._fast import mlp as _mlp
 
 __all__ = [
     "ACTIVATIONS",
+    "IndexedMLP",
     "UpdateStats",
     "WeightCache",
     "dense_reference",
@@ -637,6 +638,45 @@ def sparse_mlp(x, gate_weight, up_weight, down_t, active_idx, activation: str,
     if x32.shape[0]:
         _mlp.index_forward(gate_np, up_np, dt_np, idx, x32, y.numpy(), code, nt)
     return _finish(y, was_1d, od)
+
+
+class IndexedMLP:
+    """Kernel (2) bound to one layer's weights, checked once: per call only ``x`` and the
+    index list are checked (what a decode step changes).
+
+        >>> mlp = IndexedMLP(gate_w, up_w, down_t, "silu")
+        >>> y = mlp(x, idx)            # == sparse_mlp(x, gate_w, up_w, down_t, idx, "silu")
+
+    Holds references to the weights (no copy). ``n_threads`` defaults to
+    ``torch.get_num_threads()`` at each call.
+    """
+
+    def __init__(self, gate_weight, up_weight, down_t, activation: str, n_threads=None) -> None:
+        self._code = _activation_code(activation)
+        self._n_threads = None if n_threads is None else _n_threads(n_threads)
+        gate, self._gate_np = _weight(gate_weight, "gate_weight")
+        up, self._up_np = _weight(up_weight, "up_weight", gate.dtype)
+        dt, self._dt_np = _weight(down_t, "down_t", gate.dtype)
+        if up.shape != gate.shape:
+            raise ValueError(f"up_weight has shape {tuple(up.shape)}, gate_weight "
+                             f"{tuple(gate.shape)}: they must match")
+        if dt.shape != gate.shape:
+            raise ValueError(f"down_t has shape {tuple(dt.shape)}; expected [I, H] = "
+                             f"{tuple(gate.shape)} (transpose down_proj.weight)")
+        self._weights = (gate, up, dt)  # keep the tensors the numpy views point into alive
+        self.dtype = gate.dtype
+        self.n_neurons, self.hidden = int(gate.shape[0]), int(gate.shape[1])
+
+    def __call__(self, x, active_idx, out_dtype=None) -> torch.Tensor:
+        idx = _index_array(active_idx, self.n_neurons)
+        od = _out_dtype(out_dtype, self.dtype)
+        x32, was_1d = _prep_x(x, self.hidden, self.dtype)
+        y = torch.empty(x32.shape, dtype=torch.float32)
+        if x32.shape[0]:
+            nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
+            _mlp.index_forward(self._gate_np, self._up_np, self._dt_np, idx, x32, y.numpy(),
+                               self._code, nt)
+        return _finish(y, was_1d, od)
 
 
 def _act64(v: torch.Tensor, activation: str) -> torch.Tensor:

@@ -1,0 +1,330 @@
+"""Micro-benchmarks of ``sparselab._fast``: sparse MLP kernels, cache updates, mask ops.
+
+    >>> from sparselab import kernel_bench as kb
+    >>> rows = kb.Rows()
+    >>> kb.bench_mlp(rows, ["smollm2-135m"], [torch.float32], [1], (0.1, 0.5), 9, np.random.default_rng(0))
+    >>> pd.DataFrame(rows.rows)
+
+Every group of methods that are compared is measured in one loop, interleaved rep by rep
+(the order rotates), so a noisy neighbour or a frequency change hits all of them alike.
+Reported: median and inter-quartile range over the repeats, speedups as ratios of
+medians. ``experiments/bench_kernels.py`` runs the full set and writes the README's
+tables; notebook 09 runs a small sweep of its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparselab import _fast
+
+SHAPES = {"llama3.2-3b": (3072, 8192), "smollm2-135m": (576, 1536)}
+DENSITIES = (0.05, 0.1, 0.3, 0.5)
+CHURNS = (0.01, 0.05, 0.1, 0.3)
+TARGET_SHAPE = "llama3.2-3b"
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """Time every callable ``reps`` times, rotating their order each rep -> ns arrays."""
+    names = list(fns)
+    for _ in range(warmup):
+        for n in names:
+            fns[n]()
+    out = {n: [] for n in names}
+    for r in range(reps):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            t0 = time.perf_counter_ns()
+            fns[n]()
+            out[n].append(time.perf_counter_ns() - t0)
+    return {n: np.asarray(v, dtype=np.float64) for n, v in out.items()}
+
+
+def stats_ms(ns: np.ndarray) -> tuple[float, float, float]:
+    q1, med, q3 = np.percentile(ns, [25, 50, 75]) / 1e6
+    return float(med), float(q1), float(q3)
+
+
+def random_mask(n: int, density: float, rng) -> np.ndarray:
+    m = np.zeros(n, dtype=bool)
+    m[rng.choice(n, max(1, round(density * n)), replace=False)] = True
+    return m
+
+
+def swap(mask: np.ndarray, k: int, rng) -> np.ndarray:
+    """Same size, ``k`` neurons out and ``k`` new neurons in."""
+    m = mask.copy()
+    k = min(k, int(mask.sum()), int((~mask).sum()))
+    m[rng.choice(np.flatnonzero(mask), k, replace=False)] = False
+    m[rng.choice(np.flatnonzero(~mask), k, replace=False)] = True
+    return m
+
+
+class Rows:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, **kw):
+        self.rows.append(kw)
+
+    def write_csv(self, path: Path):
+        keys = []
+        for r in self.rows:
+            keys += [k for k in r if k not in keys]
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def mlp_methods(x, gate, up, down, down_t, idx, idx_t, cache, nt) -> dict:
+    """The four ways to compute one MLP token that the table compares."""
+
+    def dense():
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+    def regather():
+        # the naive path: gather the active rows every token, then dense matmuls on them
+        gs, us = gate.index_select(0, idx_t), up.index_select(0, idx_t)
+        ds = down.index_select(1, idx_t)
+        return F.linear(F.silu(F.linear(x, gs)) * F.linear(x, us), ds)
+
+    return {
+        "dense_torch": dense,
+        "regather_matmul": regather,
+        "kernel1_cache": lambda: cache.forward(x, "silu", n_threads=nt),
+        "kernel2_index": lambda: _fast.sparse_mlp(x, gate, up, down_t, idx, "silu",
+                                                  n_threads=nt),
+    }
+
+
+def regather_fn(gate, up, down_t, idx_t):
+    def regather():
+        # the cheapest full re-gather: three contiguous row gathers
+        return (gate.index_select(0, idx_t), up.index_select(0, idx_t),
+                down_t.index_select(0, idx_t))
+
+    return regather
+
+
+def toggler(cache, m0, m1):
+    """Each call swaps the cache between m0 and m1, i.e. changes exactly the same neurons."""
+    state = {"next": 1}
+    masks = (m0, m1)
+
+    def step():
+        cache.update(masks[state["next"]])
+        state["next"] ^= 1
+
+    return step
+
+
+def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
+    for shape_name in shapes:
+        hidden, inter = SHAPES[shape_name]
+        g32 = torch.randn(inter, hidden) / hidden**0.5
+        u32 = torch.randn(inter, hidden) / hidden**0.5
+        d32 = torch.randn(hidden, inter) / inter**0.5
+        for dtype in dtypes:
+            gate, up, down = (t.to(dtype) for t in (g32, u32, d32))
+            down_t = down.t().contiguous()
+            x = torch.randn(1, hidden).to(dtype)
+            for nt in threads:
+                torch.set_num_threads(nt)
+                for dens in densities:
+                    mask = random_mask(inter, dens, rng)
+                    idx = np.flatnonzero(mask)
+                    idx_t = torch.from_numpy(idx)
+                    cache = _fast.WeightCache(gate, up, down_t=down_t)
+                    cache.update(mask)
+
+                    fns = mlp_methods(x, gate, up, down, down_t, idx, idx_t, cache, nt)
+                    t = interleaved(fns, reps)
+                    dense_med = stats_ms(t["dense_torch"])[0]
+                    is_target = shape_name == TARGET_SHAPE and dtype == torch.float32 \
+                        and nt == 1 and dens in (0.1, 0.3, 0.5)
+                    for name, ns in t.items():
+                        med, q1, q3 = stats_ms(ns)
+                        sp = dense_med / med
+                        kern = name.startswith("kernel")
+                        rows.add(section="mlp", shape=shape_name, hidden=hidden, inter=inter,
+                                 dtype=str(dtype).replace("torch.", ""), threads=nt,
+                                 density=dens, churn="", method=name,
+                                 median_ms=round(med, 4), q1_ms=round(q1, 4), q3_ms=round(q3, 4),
+                                 iqr_ms=round(q3 - q1, 4), reps=reps,
+                                 speedup_vs_dense=round(sp, 3),
+                                 target=round(0.85 / dens, 3) if is_target and kern else "",
+                                 target_met=(sp >= 0.85 / dens) if is_target and kern else "")
+                    print(f"mlp {shape_name} {dtype} t={nt} d={dens}: dense {dense_med:.2f} ms, "
+                          f"k1 {stats_ms(t['kernel1_cache'])[0]:.2f}, "
+                          f"k2 {stats_ms(t['kernel2_index'])[0]:.2f}, "
+                          f"regather {stats_ms(t['regather_matmul'])[0]:.2f}", flush=True)
+    torch.set_num_threads(max(threads))
+
+
+def bench_update(rows: Rows, shapes, dtypes, densities, churns, reps, rng):
+    torch.set_num_threads(1)
+    for shape_name in shapes:
+        hidden, inter = SHAPES[shape_name]
+        for dtype in dtypes:
+            gate = torch.randn(inter, hidden).to(dtype)
+            up = torch.randn(inter, hidden).to(dtype)
+            down = torch.randn(hidden, inter).to(dtype)
+            down_t = down.t().contiguous()
+            for dens in densities:
+                m0 = random_mask(inter, dens, rng)
+                n_act = int(m0.sum())
+                idx_t = torch.from_numpy(np.flatnonzero(m0))
+                cache_rows = _fast.WeightCache(gate, up, down_t=down_t, n_threads=1)
+                fns = {"full_regather": regather_fn(gate, up, down_t, idx_t)}
+                ks = {}
+                for churn in churns:
+                    k = max(1, round(churn * n_act))
+                    ks[churn] = k
+                    m1 = swap(m0, k, rng)
+                    # one cache per method and churn, so every timed call is an exact k-swap
+                    for mode, cache in (
+                        ("rows", _fast.WeightCache(gate, up, down_t=down_t, n_threads=1)),
+                        ("columns", _fast.WeightCache(gate, up, down, down_mode="columns",
+                                                      n_threads=1)),
+                    ):
+                        cache.update(m0)
+                        fns[f"update_{mode}_churn{churn}"] = toggler(cache, m0, m1)
+                cache_rows.update(m0)
+                t = interleaved(fns, reps)
+                full = stats_ms(t["full_regather"])[0]
+                for name, ns in t.items():
+                    med, q1, q3 = stats_ms(ns)
+                    churn = float(name.rsplit("churn", 1)[1]) if "churn" in name else ""
+                    target = ""
+                    if shape_name == TARGET_SHAPE and dtype == torch.float32 and dens == 0.3 \
+                            and churn == 0.05 and name.startswith("update_rows"):
+                        target = 10.0
+                    sp = full / med
+                    rows.add(section="update", shape=shape_name, hidden=hidden, inter=inter,
+                             dtype=str(dtype).replace("torch.", ""), threads=1, density=dens,
+                             churn=churn, method=name.split("_churn")[0],
+                             neurons_swapped=ks.get(churn, ""), n_active=n_act,
+                             median_ms=round(med, 4), q1_ms=round(q1, 4), q3_ms=round(q3, 4),
+                             iqr_ms=round(q3 - q1, 4), reps=reps,
+                             speedup_vs_regather=round(sp, 2), target=target,
+                             target_met=(sp >= target) if target else "")
+                print(f"update {shape_name} {dtype} d={dens}: regather {full:.2f} ms, "
+                      + ", ".join(f"{n[7:]} {stats_ms(v)[0]:.3f}" for n, v in t.items()
+                                  if n.startswith("update_rows")), flush=True)
+                # memory: what the cache owns vs the active rows it holds
+                slot = 3 * hidden * gate.element_size()
+                rows.add(section="memory", shape=shape_name, hidden=hidden, inter=inter,
+                         dtype=str(dtype).replace("torch.", ""), density=dens, n_active=n_act,
+                         method="cache_down_t", extra_bytes=cache_rows.extra_bytes,
+                         active_row_bytes=n_act * slot,
+                         ratio=round(cache_rows.extra_bytes / (n_act * slot), 3),
+                         mlp_bytes=3 * hidden * inter * gate.element_size())
+            # fixed number of changed neurons at 10 % and 50 % active: cost must not follow
+            # the active-set size
+            k = 64
+            fixed = {}
+            for dens in (0.1, 0.5):
+                m0 = random_mask(inter, dens, rng)
+                m1 = swap(m0, k, rng)
+                cache = _fast.WeightCache(gate, up, down_t=down_t, n_threads=1)
+                cache.update(m0)
+                fixed[dens] = toggler(cache, m0, m1)
+            t = interleaved({f"d{d}": f for d, f in fixed.items()}, reps * 3)
+            a, b = stats_ms(t["d0.1"])[0], stats_ms(t["d0.5"])[0]
+            ratio = max(a, b) / min(a, b)
+            for dens in (0.1, 0.5):
+                med, q1, q3 = stats_ms(t[f"d{dens}"])
+                rows.add(section="update_fixed_k", shape=shape_name, hidden=hidden, inter=inter,
+                         dtype=str(dtype).replace("torch.", ""), threads=1, density=dens,
+                         method="update_rows", neurons_swapped=k, median_ms=round(med, 4),
+                         q1_ms=round(q1, 4), q3_ms=round(q3, 4), iqr_ms=round(q3 - q1, 4),
+                         reps=reps * 3, ratio_50_vs_10=round(ratio, 3),
+                         target=1.5 if shape_name == TARGET_SHAPE else "",
+                         target_met=(ratio <= 1.5) if shape_name == TARGET_SHAPE else "")
+
+
+def bench_mask_ops(rows: Rows, reps, rng):
+    n = 8192
+    for batch in (1, 4):
+        for dens in (0.1, 0.3, 0.5):
+            prev = _fast.pack(random_mask(n, dens, rng))
+            batch_words = _fast.pack(np.stack([random_mask(n, dens, rng) for _ in range(batch)]))
+
+            fns = {"xor_diff+union": lambda p=prev, b=batch_words: _fast.xor_diff(p, _fast.union(b)),
+                   "xor_diff": lambda p=prev, b=batch_words: _fast.xor_diff(p, b[0]),
+                   "union": lambda b=batch_words: _fast.union(b)}
+            t = interleaved(fns, reps, warmup=50)
+            for name, ns in t.items():
+                med, q1, q3 = stats_ms(ns)
+                us = med * 1000
+                tgt = name == "xor_diff+union"
+                rows.add(section="mask_ops", shape=f"{n} neurons", inter=n, density=dens,
+                         batch=batch, method=name, median_us=round(us, 3),
+                         q1_us=round(q1 * 1000, 3), q3_us=round(q3 * 1000, 3), reps=reps,
+                         target=10.0 if tgt else "", target_met=(us < 10.0) if tgt else "")
+
+
+def update_sweep(shape: str = "smollm2-135m", dtype=torch.float32,
+                 densities=(0.05, 0.1, 0.3, 0.5), swaps=(1, 4, 16, 64, 256),
+                 reps: int = 5, seed: int = 0) -> list[dict]:
+    """Cache update cost vs neurons swapped and vs active size, next to a full re-gather.
+
+        >>> import pandas as pd
+        >>> df = pd.DataFrame(update_sweep(densities=(0.1, 0.5), swaps=(8, 64), reps=5))
+
+    Importable (notebook 09). For each active density: a full re-gather of the active
+    rows (the cost of having no cache: three contiguous row gathers) and, for each ``k``
+    in ``swaps``, a ``WeightCache`` update swapping exactly ``k`` neurons out and ``k`` in
+    (toggled back and forth, so every timed call is the same ``k``-swap), interleaved rep
+    by rep, 1 thread. ``k`` larger than the active or the inactive set is skipped. One row
+    per measurement: ``shape, hidden, inter, dtype, density, n_active, method``
+    (``update_rows`` / ``full_regather``), ``neurons_swapped`` (0 for the re-gather),
+    ``median_ms, q1_ms, q3_ms, reps`` and the structural cost of one call:
+    ``rows_copied`` (neurons whose gate, up and down rows were written; from
+    ``UpdateStats`` for the cache, ``n_active`` for the re-gather) and ``bytes_moved``.
+    The torch thread count is restored on return.
+    """
+    hidden, inter = SHAPES[shape]
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    gate, up, down_t = (torch.randn(inter, hidden, generator=gen).to(dtype) for _ in range(3))
+    slot_bytes = 3 * hidden * gate.element_size()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = []
+    try:
+        for dens in densities:
+            m0 = random_mask(inter, dens, rng)
+            n_act = int(m0.sum())
+            fns = {"full_regather": regather_fn(gate, up, down_t, torch.from_numpy(np.flatnonzero(m0)))}
+            stats = {"full_regather": (0, n_act, n_act * slot_bytes)}
+            for k in swaps:
+                if k > min(n_act, inter - n_act):
+                    continue
+                m1 = swap(m0, k, rng)
+                cache = _fast.WeightCache(gate, up, down_t=down_t, n_threads=1)
+                cache.update(m0)
+                s = cache.update(m1)  # the structural cost of one k-swap, then back
+                cache.update(m0)
+                name = f"update_rows_k{k}"
+                fns[name] = toggler(cache, m0, m1)
+                stats[name] = (k, s.rows_copied, s.bytes_moved)
+            t = interleaved(fns, reps)
+            for name, ns in t.items():
+                med, q1, q3 = stats_ms(ns)
+                k, rows_copied, nbytes = stats[name]
+                out.append(dict(shape=shape, hidden=hidden, inter=inter,
+                                dtype=str(dtype).replace("torch.", ""), density=dens,
+                                n_active=n_act, method=name.split("_k")[0], neurons_swapped=k,
+                                median_ms=round(med, 4), q1_ms=round(q1, 4), q3_ms=round(q3, 4),
+                                reps=reps, rows_copied=rows_copied, bytes_moved=nbytes))
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -1,0 +1,32 @@
+"""Tiny random Llama models for tests and examples: seconds to build, no download.
+
+    >>> from sparselab.testing.tiny import tiny_llama
+    >>> model = tiny_llama(vocab_size=100, hidden_size=32, intermediate_size=48, num_layers=3)
+    >>> model.model.layers[0].mlp.gate_proj.weight.shape
+    torch.Size([48, 32])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def tiny_llama(*, vocab_size: int, hidden_size: int = 64, intermediate_size: int = 160,
+               num_layers: int = 2, seed: int = 0, **config: Any):
+    """A seeded, randomly initialised ``LlamaForCausalLM`` in eval mode.
+
+    Four attention heads over two key/value heads (grouped-query attention, as in the
+    models sparselab targets) and 128 positions unless ``config`` says otherwise; any other
+    ``LlamaConfig`` field (``initializer_range``, ``pad_token_id``, ...) passes through.
+    The same arguments give bitwise the same weights.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+                **config}
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
+                      intermediate_size=intermediate_size, num_hidden_layers=num_layers, **settings)
+    return LlamaForCausalLM(cfg).eval()
