@@ -178,3 +178,34 @@ def test_info_reports_the_build():
     info = _fast.info()
     assert set(info) >= {"openmp", "simd", "max_threads"}
     assert isinstance(info["openmp"], bool) and info["max_threads"] >= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_indexed_mlp_matches_the_reference_call_after_call(dtype):
+    # the bound kernel must give what the one-shot call gives, for masks that change
+    gate, up, down, x = make_weights(200, 33, dtype, 5)
+    down_t = down.t().contiguous()
+    bound = _fast.IndexedMLP(gate, up, down_t, "silu")
+    rng = np.random.default_rng(1)
+    for density in (0.0, 0.1, 0.5, 1.0):
+        mask = rng.random(200) < density
+        idx = np.flatnonzero(mask)
+        y = bound(x, idx)
+        assert torch.equal(y, _fast.sparse_mlp(x, gate, up, down_t, idx, "silu"))
+        ref = _fast.dense_reference(x, gate, up, down, "silu", mask_bool=mask)
+        check_close(y, ref, abs_scale(x, gate, up, down, "silu", mask), dtype)
+
+
+def test_indexed_mlp_checks_weights_once_and_inputs_every_call():
+    gate, up, down, x = make_weights(40, 9, torch.float32, 2)
+    with pytest.raises(ValueError, match="expected \\[I, H\\]"):
+        _fast.IndexedMLP(gate, up, down, "silu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        _fast.IndexedMLP(gate, up, down.t().contiguous(), "swish")
+    bound = _fast.IndexedMLP(gate, up, down.t().contiguous(), "silu")
+    with pytest.raises(ValueError, match="duplicate"):
+        bound(x, np.array([3, 3]))
+    with pytest.raises(ValueError, match="out of range"):
+        bound(x, np.array([40]))
+    with pytest.raises(ValueError, match="hidden size"):
+        bound(x[:, :4], np.array([1]))
