@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -43,6 +44,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)
+
+
+def describe(predictors: dict) -> str:
+    """One line for the predictors' JSON description (the full one is in the .json file)."""
+    training = predictors.get("training", {})
+    ranks = sorted(set(predictors.get("ranks", {}).values()))
+    rule = predictors.get("rule", {})
+    return (f"rank {'/'.join(map(str, ranks))}, labels {rule.get('name')}({rule.get('density')}) on "
+            f"|{rule.get('source')}|, loss {training.get('loss')}, {training.get('epochs')} epochs on "
+            f"{training.get('n_tokens')} training tokens ({training.get('n_sequences')} passages), "
+            f"{predictors.get('bytes', 0) / 2**20:.1f} MiB")
 
 
 def markdown(df: pd.DataFrame, meta: dict) -> str:
@@ -85,9 +97,10 @@ def main(argv=None) -> pd.DataFrame:
     df = sl.evaluate(model, tokenizer, texts, predictors=predictors, densities=args.densities,
                      max_length=args.max_length, n_generate=args.n_generate,
                      n_prompts=args.n_prompts, static_trace=static_trace)
-    meta = {"command": "python experiments/run_quality.py " + " ".join(argv or []),
+    meta = {"command": " ".join(["python experiments/run_quality.py", *(argv or sys.argv[1:])]),
             "held-out passages": len(texts), "tokens scored": int(df["n_tokens"].iloc[0]),
-            "predictors": df.attrs["config"]["predictors"], "oracle rule": df.attrs["config"]["rule"],
+            "predictors": describe(df.attrs["config"]["predictors"]),
+            "oracle rule": df.attrs["config"]["rule"],
             "static sets": f"most frequent neurons over {args.static_texts} training passages",
             "torch threads": torch.get_num_threads(), "wall time s": round(time.perf_counter() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
