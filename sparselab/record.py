@@ -15,6 +15,7 @@ layer's input norm. A post-hook on the model keeps only the attended tokens.
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -233,7 +234,22 @@ class Recorder:
             self._trace = self._build()
         return self._trace
 
-    def _build(self) -> Trace:
+    def take_trace(self) -> Trace:
+        """The recording as a :class:`Trace`, releasing the recorder's own copy as it is built.
+
+            >>> trace = rec.take_trace()       # after the ``with`` block; peak ~1x, not 2x
+
+        For long recordings: each chunk's buffers are freed once copied into the trace, so
+        memory peaks near the size of the trace instead of twice it. The recorder is empty
+        afterwards (``rec.trace`` raises until it records again).
+        """
+        if self.active:
+            raise RuntimeError("take_trace() needs the recording to be finished (leave the with block)")
+        trace = self.trace if self._trace is not None else self._build(release=True)
+        self._chunks, self._trace = [], None
+        return trace
+
+    def _build(self, release: bool = False) -> Trace:
         if not self._chunks:
             raise RuntimeError("nothing was recorded: run the model inside `with Recorder(...)`")
         fields = {
@@ -242,14 +258,24 @@ class Recorder:
         }
         # order by sequence, then position (decode steps of a sequence come after its prompt)
         order = np.lexsort((fields["steps"], fields["positions"], fields["seq_ids"]))
-        order_t = torch.from_numpy(order)
+        # where each recorded row goes: rows are copied once, chunk by chunk, into the final
+        # array (a cat + stack would hold up to three copies of a recording at its peak)
+        destination = np.empty_like(order)
+        destination[order] = np.arange(len(order))
+        starts = np.cumsum([0] + [len(c["token_ids"]) for c in self._chunks])
+        rows = [torch.from_numpy(destination[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
         arrays = {}
         for name in self.store:
-            per_layer = [
-                torch.cat([c["buffers"][(name, i)] for c in self._chunks]).index_select(0, order_t)
-                for i in self.layers
-            ]
-            arrays[name] = torch.stack(per_layer)
+            first = self._chunks[0]["buffers"][(name, self.layers[0])]
+            out = torch.empty((len(self.layers), len(order), first.shape[1]), dtype=first.dtype)
+            for j, i in enumerate(self.layers):
+                for chunk, where in zip(self._chunks, rows, strict=True):
+                    out[j].index_copy_(0, where, chunk["buffers"][(name, i)])
+                    if release:
+                        del chunk["buffers"][(name, i)]
+                if release:  # per layer: the next layer's rows reuse these pages
+                    _return_freed_memory()
+            arrays[name] = out
         fields = {k: v[order] for k, v in fields.items()}
         pieces = None
         if self.tokenizer is not None:
@@ -269,6 +295,15 @@ class Recorder:
             "versions": versions(),
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self._started)),
         }
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc), so that a buffer freed while building
+    a trace makes room for the next one instead of staying resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def record(
@@ -312,6 +347,6 @@ def record(
                     model(**batch, use_cache=False)
     finally:
         tokenizer.padding_side = padding_side
-    trace = rec.trace
+    trace = rec.take_trace()
     trace.meta["record"] = {"max_length": max_length, "batch_size": batch_size, "n_texts": len(texts)}
     return trace

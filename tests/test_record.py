@@ -375,3 +375,30 @@ def test_trace_masks_of_a_recording(model):
     masks = trace.masks(sl.rules.TopK(keep=12))
     assert (masks.counts() == 12).all()
     np.testing.assert_array_equal(masks.seq_ids, trace.seq_ids)
+
+
+def test_take_trace_equals_trace_and_empties_the_recorder(model):
+    # several forward calls give several chunks; take_trace must reassemble them exactly as
+    # the non-releasing path does (same order, same values) and leave nothing behind
+    calls = [encode(TEXTS[:2], "left"), encode(TEXTS[2:], "right"), encode(TEXTS[1:3], "left")]
+
+    def run():
+        with Recorder(model) as rec, torch.no_grad():
+            for batch in calls:
+                model(**batch)
+        return rec
+
+    kept, taken = run(), run()
+    ref = kept.trace
+    out = taken.take_trace()
+    assert out.layers == ref.layers and sorted(out.arrays) == sorted(ref.arrays)
+    for name in ref.arrays:
+        assert torch.equal(out.arrays[name], ref.arrays[name]), name
+    for field in ("token_ids", "seq_ids", "positions", "steps", "is_prefill"):
+        np.testing.assert_array_equal(getattr(out, field), getattr(ref, field))
+    with pytest.raises(RuntimeError, match="nothing was recorded"):
+        _ = taken.trace
+    with Recorder(model) as rec, torch.no_grad():
+        model(**calls[0])
+        with pytest.raises(RuntimeError, match="finished"):
+            rec.take_trace()
