@@ -4,22 +4,10 @@
     python experiments/run_benchmark.py --device cpu --config experiments/configs/llama_skip_causal_3b.json --num_runs 50 --verbose
     python experiments/run_benchmark.py --config ... --threads 1 --max_new_tokens 16 --out /tmp/results
 
-A config names the model, the predictors, the MLP density, the prompt and the run sizes
-(see ``experiments/configs/*.json``):
-
-- ``model.kind = "embedded"``: the embedded SmolLM2-135M (``sl.load_model()``) with
-  predictors trained on a recording of the corpus' training split on first use and cached
-  under ``sparselab.models.cache_dir()/predictors/<hash of what they depend on>``;
-- ``model.kind = "random_llama"``: a ``LlamaForCausalLM`` of the given shapes with random
-  weights (nothing downloaded; decode speed does not depend on the values) and
-  :class:`sparselab.bench.RandomLowRankPredictors` keeping a fixed share of neurons.
-
-Variants ``dense``, ``sparse_cache`` (predictor -> mask -> ``WeightCache`` -> kernel) and
-``sparse_direct`` (index-list kernel over the full weights, no cache) run alternately in
-this one process (:func:`sparselab.bench.compare`); the work is done by :mod:`sparselab.bench_suite`, this
-file is its command line. Results go to
-``<out>/<config>_<timestamp>.json`` and ``.csv`` (one row per run) and a stable latest copy
-``<out>/<config>.json`` / ``.md``.
+The configs (``experiments/configs/*.json``), the variants and how they are measured are
+described in :mod:`sparselab.bench_suite`, which does the work; this file is its command
+line. Results go to ``<out>/<config>_<timestamp>.json`` and ``.csv`` (one row per run) and
+a stable latest copy ``<out>/<config>.json`` / ``.md``.
 """
 
 from __future__ import annotations

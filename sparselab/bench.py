@@ -25,7 +25,6 @@ process's resident memory (:class:`MemorySampler`).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import math
 import threading
@@ -40,6 +39,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+
+from sparselab.heap import trim_heap
 
 __all__ = [
     "DecodeBytes",
@@ -228,10 +229,7 @@ def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so
     the RSS that follows shows what is held, not what a previous run once allocated."""
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim_heap()
 
 
 def _reset_kernel_peak() -> bool:

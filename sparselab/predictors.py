@@ -569,9 +569,14 @@ class Predictors:
         policy = Policy.from_kwargs(target_recall, target_density, top_k, default=None)
         if policy is None:
             raise ValueError("give one of target_recall, target_density, top_k")
+        return self._copy_with(policy, self._calibration)
+
+    def _copy_with(self, policy: Policy, calibration: dict) -> Predictors:
+        """A shallow copy (weights shared) with ``calibration`` and ``policy``'s thresholds."""
         out = copy.copy(self)
+        out._calibration = calibration
         out.policy = policy
-        out.thresholds = {layer: self._threshold(layer, policy) for layer in self.layers}
+        out.thresholds = {layer: out._threshold(layer, policy) for layer in out.layers}
         return out
 
     def calibrate(
@@ -597,11 +602,7 @@ class Predictors:
             scores = self.scores(layer, self.inputs(trace, layer))
             labels = self.rule.mask(_source_values(trace, self.rule.source, layer), layer)
             calibration[layer] = (quantile_grid(scores, generator=g), quantile_grid(scores[labels], generator=g))
-        out = copy.copy(self)
-        out._calibration = calibration
-        out.policy = policy
-        out.thresholds = {layer: out._threshold(layer, policy) for layer in out.layers}
-        return out
+        return self._copy_with(policy, calibration)
 
     # -- quality ------------------------------------------------------------------------
     def evaluate(

@@ -15,7 +15,6 @@ layer's input norm. A post-hook on the model keeps only the attended tokens.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparselab.heap import trim_heap
 from sparselab.models import adapter_for, model_identity
 from sparselab.trace import ARRAYS, Trace
 
@@ -274,7 +274,7 @@ class Recorder:
                     if release:
                         del chunk["buffers"][(name, i)]
                 if release:  # per layer: the next layer's rows reuse these pages
-                    _return_freed_memory()
+                    trim_heap()
             arrays[name] = out
         fields = {k: v[order] for k, v in fields.items()}
         pieces = None
@@ -295,15 +295,6 @@ class Recorder:
             "versions": versions(),
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self._started)),
         }
-
-
-def _return_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc), so that a buffer freed while building
-    a trace makes room for the next one instead of staying resident."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def record(

@@ -29,8 +29,9 @@ def small_trace(real_model):
 
 
 @pytest.fixture(scope="session")
-def embedded_tokenizer():
-    """The embedded model's tokenizer (no weights loaded), with a pad token."""
+def tokenizer():
+    """The embedded model's tokenizer (no weights loaded), with a pad token. Test files
+    that need another tokenizer (test_record: a word-level one) define their own."""
     from transformers import AutoTokenizer
 
     import sparselab as sl

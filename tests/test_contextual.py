@@ -21,11 +21,6 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer(embedded_tokenizer):
-    return embedded_tokenizer
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=N,
                       num_layers=LAYERS, tie_word_embeddings=True,

@@ -18,11 +18,6 @@ TEXTS = ["A short text.", "def f(x):\n    return x * 2  # a longer piece of code
 
 
 @pytest.fixture(scope="module")
-def tokenizer(embedded_tokenizer):
-    return embedded_tokenizer
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer):
     return tiny_llama(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=N,
                       num_layers=LAYERS, tie_word_embeddings=True,

@@ -620,24 +620,7 @@ def sparse_mlp(x, gate_weight, up_weight, down_t, active_idx, activation: str,
     ``down_proj.weight.t().contiguous()``), float32 or bfloat16. ``active_idx`` is 1-D
     integer, unique, in ``[0, I)``, any order (sorted is friendlier to the prefetcher).
     """
-    code = _activation_code(activation)
-    nt = _n_threads(n_threads)
-    gate, gate_np = _weight(gate_weight, "gate_weight")
-    up, up_np = _weight(up_weight, "up_weight", gate.dtype)
-    dt, dt_np = _weight(down_t, "down_t", gate.dtype)
-    if up.shape != gate.shape:
-        raise ValueError(f"up_weight has shape {tuple(up.shape)}, gate_weight "
-                         f"{tuple(gate.shape)}: they must match")
-    if dt.shape != gate.shape:
-        raise ValueError(f"down_t has shape {tuple(dt.shape)}; expected [I, H] = "
-                         f"{tuple(gate.shape)} (transpose down_proj.weight)")
-    idx = _index_array(active_idx, gate.shape[0])
-    od = _out_dtype(out_dtype, gate.dtype)
-    x32, was_1d = _prep_x(x, gate.shape[1], gate.dtype)
-    y = torch.empty(x32.shape, dtype=torch.float32)
-    if x32.shape[0]:
-        _mlp.index_forward(gate_np, up_np, dt_np, idx, x32, y.numpy(), code, nt)
-    return _finish(y, was_1d, od)
+    return IndexedMLP(gate_weight, up_weight, down_t, activation, n_threads)(x, active_idx, out_dtype)
 
 
 class IndexedMLP:
