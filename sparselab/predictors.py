@@ -489,6 +489,11 @@ class Predictors:
         except KeyError:
             raise KeyError(f"no predictor for layer {layer} (layers: {list(self.layers)})") from None
 
+    def layer_weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(first [rank, hidden], second [neurons, rank], bias [neurons])`` of one layer:
+        ``scores = bias + second @ (first @ x)``."""
+        return self._layer(layer)
+
     # -- scores and masks ---------------------------------------------------------------
     def scores(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Logits of "neuron active" for inputs ``x [..., hidden]`` -> ``[..., neurons]``."""

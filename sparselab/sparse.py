@@ -217,6 +217,10 @@ class SparseMLP(nn.Module):
                 self.cache = _fast.WeightCache(gate_w, up_w, down_t=down_t)
             else:
                 self._indexed = _fast.IndexedMLP(gate_w, up_w, down_t, runtime.activation)
+        # decode-step selection fused in C (scores, threshold, union) where it applies
+        self._selector, self._threshold = (
+            _selector_for(runtime, spec.index) if self._weights is not None and runtime.kernel == "fast"
+            else (None, None))
         self.lookahead_input: torch.Tensor | None = None
         self._prev = torch.zeros(self.n_neurons, dtype=torch.bool)  # last mask, for churn
         self.static_mask = None
@@ -251,16 +255,20 @@ class SparseMLP(nn.Module):
         values = a if self.rt.rule.source == "gate" else h
         return h, self.rt.rule.mask(values, self.layer_index)
 
+    def _predictor_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """What the predictor reads: the MLP input rows, or the input norm's output."""
+        if not self.rt.predictors.lookahead:
+            return x2
+        if self.lookahead_input is None:
+            raise RuntimeError(
+                f"layer {self.layer_index}: lookahead predictors need the input norm's "
+                "output, but the hook did not see it (was the MLP called on its own?)"
+            )
+        return self.lookahead_input.reshape(-1, self.lookahead_input.shape[-1])
+
     def _predict(self, x2: torch.Tensor, flat_positions: torch.Tensor | None = None) -> torch.Tensor:
         """Predicted bool mask [T, N] for the rows of ``x2`` (the MLP input, [T, H])."""
-        px = x2
-        if self.rt.predictors.lookahead:
-            if self.lookahead_input is None:
-                raise RuntimeError(
-                    f"layer {self.layer_index}: lookahead predictors need the input norm's "
-                    "output, but the hook did not see it (was the MLP called on its own?)"
-                )
-            px = self.lookahead_input.reshape(-1, self.lookahead_input.shape[-1])
+        px = self._predictor_input(x2)
         if flat_positions is not None:
             px = px.index_select(0, flat_positions)
         px = px.to(_predictor_dtype(self.rt.predictors))
@@ -335,7 +343,8 @@ class SparseMLP(nn.Module):
                 return self._prefill_per_token(x)
             return self._prefill_union(x)
         finally:
-            self.lookahead_input = None
+            if self.lookahead_input is not None:  # nn.Module.__setattr__ costs us per call
+                self.lookahead_input = None
 
     def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
         clock = self.rt.clock
@@ -419,6 +428,8 @@ class SparseMLP(nn.Module):
                 for r in range(x2.shape[0]):
                     self._record("decode", r, 1, None, m[r], None, 0, t1 - t0, 0, t2 - t1)
             return y.reshape(x.shape)
+        if self._selector is not None and (rt.union or x2.shape[0] == 1):
+            return self._decode_selected(x, x2)
         m = self._predict(x2)
         t1 = clock()
         if rt.union:
@@ -435,6 +446,42 @@ class SparseMLP(nn.Module):
             self._record("decode", r, 1, None, m[r], cst, t1 - t0 if r == 0 else 0, 0,
                          t_cache, t_mlp)
         return torch.cat(rows).reshape(x.shape)
+
+
+    def _decode_selected(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Predicted decode step with the fused selector: the same neuron set as
+        ``_predict(x2).any(0)`` (up to float rounding at the threshold), in one C call."""
+        clock = self.rt.clock
+        t0 = clock()
+        idx, mask = self._selector(self._predictor_input(x2), self._threshold)
+        t1 = clock()
+        if self.cache is not None:
+            stats = self.cache.update(mask)
+            t2 = clock()
+            y = self.cache.forward(x2, self.rt.activation)
+        else:
+            stats, t2 = None, t1
+            y = self._indexed(x2, idx)
+        self._record("decode", -1, x2.shape[0], len(idx), torch.from_numpy(mask), stats,
+                     t1 - t0, 0, t2 - t1, clock() - t2)
+        return y.reshape(x.shape)
+
+
+def _selector_for(runtime: _Runtime, layer: int):
+    """``(_fast.LowRankSelector, threshold)`` for a layer whose predictor is a float32
+    :class:`~sparselab.predictors.Predictors` with a threshold policy, else ``(None, None)``
+    (top-k policies and other scorers keep the torch path)."""
+    from sparselab import _fast
+    from sparselab.predictors import Predictors
+
+    p = runtime.predictors
+    if runtime.mode != "predicted" or not isinstance(p, Predictors) or p.policy.kind == "top_k":
+        return None, None
+    threshold = p.thresholds.get(int(layer))
+    first, second, bias = p.layer_weights(layer)
+    if threshold is None or first.dtype != torch.float32:
+        return None, None
+    return _fast.LowRankSelector(first, second, bias), float(threshold)
 
 
 def _n_rows(x: torch.Tensor) -> int:

@@ -191,6 +191,42 @@ def test_decode_step_equals_dense_with_inactive_neurons_zeroed(mode, kwargs):
     torch.testing.assert_close(y.reshape(-1, H).double(), full, rtol=1e-4, atol=1e-5)
 
 
+def threshold_predictors(density=0.3, seed=2):
+    """Real ``Predictors`` with a density policy (thresholds from scores of random inputs):
+    the decode step then takes the fused C selector instead of torch ops."""
+    from sparselab.predictors import Policy, Predictors, quantile_grid
+
+    g = torch.Generator().manual_seed(seed)
+    weights, calibration = {}, {}
+    for i in range(LAYERS):
+        first, second, bias = torch.randn(8, H, generator=g), torch.randn(N, 8, generator=g), torch.randn(N, generator=g)
+        scores = torch.addmm(bias, torch.randn(256, H, generator=g) @ first.T, second.T)
+        weights[i], calibration[i] = (first, second, bias), (quantile_grid(scores), quantile_grid(scores))
+    return Predictors(weights, sl.rules.TopK(0.3), policy=Policy("density", density), calibration=calibration)
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_fused_selector_decode_equals_the_predictors_union_mask(use_cache):
+    model = tiny_llama()
+    pred = threshold_predictors()
+    layer = 2
+    with sparsify(model, pred, mode="predicted", use_cache=use_cache) as handle:
+        assert model.model.layers[layer].mlp._selector is not None
+        calls, hook = capture(model, layer)
+        generate(model, n=3)
+        hook.remove()
+        stats = handle.stats()
+    mlp = model.model.layers[layer].mlp
+    decode = stats[(stats["layer"] == layer) & (stats["phase"] == "decode")]
+    assert len(decode) == 2  # 3 new tokens: 1 from the prefill, 2 decode steps
+    for (x, y), active in zip(calls[1:], decode["active"], strict=True):
+        x2 = x.reshape(2, H)
+        union = pred.union_mask(layer, x2)  # the torch path: scores > threshold, any over rows
+        assert 0 < int(union.sum()) < N and int(active) == int(union.sum())
+        expected, _ = ref_mlp(mlp, x2, union.expand(2, N))
+        torch.testing.assert_close(y.reshape(2, H).double(), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_generated_logits_match_an_independent_sparse_model():
     """Logits of a sparse decode step == a dense model whose down_proj inputs are masked."""
     model = tiny_llama()

@@ -1,0 +1,101 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Low-rank predictor scores, threshold and union over the batch in one pass.
+
+    >>> n = lowrank_select(first, second, bias, x, z, threshold, mask, idx, 1)
+    >>> active = idx[:n]        # ascending neuron ids whose score > threshold in any row
+
+``scores[b, j] = bias[j] + second[j] . (first @ x[b])``: first ``[R, H]``, second
+``[N, R]``, float32. The decode step needs only the neuron ids, so the scores are never
+written out: each neuron's score for every batch row is compared with the threshold as
+it is computed. Done with torch this is five ops per layer and token (two matmuls, a
+compare, an any, a nonzero), each with its own dispatch and temporary; at batch 1 the
+dispatch costs more than the arithmetic.
+
+Every neuron's dot product runs the same code whatever thread gets it, so the result
+does not depend on the thread count. NaN scores are never above the threshold.
+Arguments are validated by the Python layer; these functions trust them.
+"""
+
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int64_t, uint8_t
+
+import numpy as np
+
+
+cdef Py_ssize_t _select(const float[:, ::1] first, const float[:, ::1] second,
+                        const float[::1] bias, const float[:, ::1] x, float[:, ::1] z,
+                        float threshold, uint8_t[::1] mask, int64_t[::1] idx,
+                        int n_threads) noexcept nogil:
+    cdef Py_ssize_t n_rows = x.shape[0], hidden = x.shape[1]
+    cdef Py_ssize_t rank = first.shape[0], n_neurons = second.shape[0]
+    cdef Py_ssize_t b, r, j, k, n = 0
+    cdef float acc
+    cdef uint8_t hit
+    # one parallel region (one fork/join per call): the rank-space projection split by
+    # rank row, then (after prange's implicit barrier) the scores split by neuron. Every
+    # dot product runs the same code on any thread, so results do not depend on the count.
+    with parallel(num_threads=n_threads):
+        for r in prange(rank, schedule="static"):
+            for b in range(n_rows):
+                acc = 0.0
+                for k in range(hidden):
+                    acc = acc + first[r, k] * x[b, k]
+                z[b, r] = acc
+        for j in prange(n_neurons, schedule="static"):
+            hit = 0
+            for b in range(n_rows):
+                acc = bias[j]
+                for r in range(rank):
+                    acc = acc + second[j, r] * z[b, r]
+                if acc > threshold:
+                    hit = 1
+            mask[j] = hit
+    for j in range(n_neurons):
+        if mask[j]:
+            idx[n] = j
+            n = n + 1
+    return n
+
+
+def lowrank_select(const float[:, ::1] first, const float[:, ::1] second,
+                   const float[::1] bias, const float[:, ::1] x, float[:, ::1] z,
+                   float threshold, uint8_t[::1] mask, int64_t[::1] idx, int n_threads):
+    """Fill ``mask[j]`` (1 if any row scores above ``threshold``) and ``idx[:n]``; return n.
+
+    ``z`` is ``[B, R]`` scratch for the rank-space projection of ``x``.
+    """
+    cdef Py_ssize_t n
+    with nogil:
+        n = _select(first, second, bias, x, z, threshold, mask, idx, n_threads)
+    return n
+
+
+cdef class BoundSelector:
+    """:func:`lowrank_select` with the weights bound once: a decode step then pays for one
+    buffer acquisition (``x``) instead of eight.
+
+        >>> sel = BoundSelector(first, second, bias)
+        >>> idx, mask = sel.select(x, threshold, n_threads)    # int64 [n], bool [N] (fresh)
+    """
+
+    cdef const float[:, ::1] first
+    cdef const float[:, ::1] second
+    cdef const float[::1] bias
+    cdef float[:, ::1] z
+    cdef int64_t[::1] idx
+
+    def __init__(self, const float[:, ::1] first, const float[:, ::1] second, const float[::1] bias):
+        self.first, self.second, self.bias = first, second, bias
+        self.z = np.empty((1, first.shape[0]), np.float32)
+        self.idx = np.empty(second.shape[0], np.int64)
+
+    def select(self, const float[:, ::1] x, float threshold, int n_threads):
+        cdef Py_ssize_t n
+        if x.shape[0] > self.z.shape[0]:
+            self.z = np.empty((x.shape[0], self.first.shape[0]), np.float32)
+        mask = np.empty(self.second.shape[0], np.bool_)
+        cdef uint8_t[::1] m = mask.view(np.uint8)
+        with nogil:
+            n = _select(self.first, self.second, self.bias, x, self.z[:x.shape[0]], threshold,
+                        m, self.idx, n_threads)
+        return np.asarray(self.idx)[:n].copy(), mask
