@@ -222,7 +222,7 @@ class SparseMLP(nn.Module):
             _selector_for(runtime, spec.index) if self._weights is not None and runtime.kernel == "fast"
             else (None, None))
         self.lookahead_input: torch.Tensor | None = None
-        self._prev = torch.zeros(self.n_neurons, dtype=torch.bool)  # last mask, for churn
+        self._prev = np.zeros(self.n_neurons, dtype=bool)  # last mask (numpy), for churn
         self.static_mask = None
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
@@ -234,7 +234,7 @@ class SparseMLP(nn.Module):
         before the first). After a decode step this is the set the step computed with
         (the union over the batch, or the last row's set with ``union=False``). Kept only
         while statistics are recorded (``record_stats=True``, the default)."""
-        return self._prev
+        return torch.from_numpy(self._prev)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_index}, mode={self.rt.mode!r}, kernel={self.rt.kernel!r}"
@@ -301,30 +301,30 @@ class SparseMLP(nn.Module):
 
     # -- recording -----------------------------------------------------------------------
     def _record(self, phase: str, row: int, n_tokens: int, active: float | None,
-                mask: torch.Tensor | None, cache_stats, t_pred: int, t_mask: int, t_cache: int,
+                mask: torch.Tensor | np.ndarray | None, cache_stats, t_pred: int, t_mask: int, t_cache: int,
                 t_mlp: int) -> None:
         """Append one stats row; ``active=None`` counts the neurons of ``mask``."""
         if not self.rt.record_stats:
             return
+        now = None if mask is None else (mask if isinstance(mask, np.ndarray) else mask.numpy())
         if active is None:
-            active = int(np.count_nonzero(mask.numpy()))
+            active = int(np.count_nonzero(now))
         if cache_stats is not None:
             added, removed = cache_stats.added, cache_stats.removed
             rows, nbytes = cache_stats.rows_copied, cache_stats.bytes_moved
         else:
             added = removed = rows = nbytes = 0
-            if mask is not None:
+            if now is not None:
                 # numpy on the shared buffers: a few us, where four torch ops cost ~25
-                now, before = mask.numpy(), self._prev.numpy()
-                changed = now != before
+                changed = now != self._prev
                 added = int(np.count_nonzero(changed & now))
                 removed = int(np.count_nonzero(changed)) - added
             if self.rt.kernel == "torch" and self.rt.mode != "oracle" and mask is not None:
                 # the torch path gathers the active rows of gate, up and down on every call
                 rows = int(active)
                 nbytes = rows * 3 * self.down_proj.out_features * self.down_proj.weight.element_size()
-        if mask is not None:
-            self._prev = mask
+        if now is not None:
+            self.__dict__["_prev"] = now  # plain attribute: nn.Module.__setattr__ is slow
         self.rt.records.append((
             self.rt.step, self.layer_index, phase, row, n_tokens, float(active),
             float(active) / self.n_neurons, added, removed, rows, nbytes,
@@ -453,7 +453,12 @@ class SparseMLP(nn.Module):
         ``_predict(x2).any(0)`` (up to float rounding at the threshold), in one C call."""
         clock = self.rt.clock
         t0 = clock()
-        idx, mask = self._selector(self._predictor_input(x2), self._threshold)
+        # rows as float32 numpy once (no copy for a float32 model); the selector and the
+        # kernel then skip their argument checks: the shapes are the model's own
+        x32 = x2.detach().to(torch.float32).contiguous().numpy()
+        px = self._predictor_input(x2)
+        px32 = x32 if px is x2 else px.detach().to(torch.float32).contiguous().numpy()
+        idx, mask = self._selector.select_checked(px32, self._threshold)
         t1 = clock()
         if self.cache is not None:
             stats = self.cache.update(mask)
@@ -461,9 +466,11 @@ class SparseMLP(nn.Module):
             y = self.cache.forward(x2, self.rt.activation)
         else:
             stats, t2 = None, t1
-            y = self._indexed(x2, idx)
-        self._record("decode", -1, x2.shape[0], len(idx), torch.from_numpy(mask), stats,
-                     t1 - t0, 0, t2 - t1, clock() - t2)
+            y = self._indexed.run_checked(x32, idx)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        self._record("decode", -1, x2.shape[0], len(idx), mask, stats, t1 - t0, 0, t2 - t1,
+                     clock() - t2)
         return y.reshape(x.shape)
 
 

@@ -191,7 +191,7 @@ def test_decode_step_equals_dense_with_inactive_neurons_zeroed(mode, kwargs):
     torch.testing.assert_close(y.reshape(-1, H).double(), full, rtol=1e-4, atol=1e-5)
 
 
-def threshold_predictors(density=0.3, seed=2):
+def threshold_predictors(density=0.3, seed=2, lookahead=False):
     """Real ``Predictors`` with a density policy (thresholds from scores of random inputs):
     the decode step then takes the fused C selector instead of torch ops."""
     from sparselab.predictors import Policy, Predictors, quantile_grid
@@ -202,16 +202,20 @@ def threshold_predictors(density=0.3, seed=2):
         first, second, bias = torch.randn(8, H, generator=g), torch.randn(N, 8, generator=g), torch.randn(N, generator=g)
         scores = torch.addmm(bias, torch.randn(256, H, generator=g) @ first.T, second.T)
         weights[i], calibration[i] = (first, second, bias), (quantile_grid(scores), quantile_grid(scores))
-    return Predictors(weights, sl.rules.TopK(0.3), policy=Policy("density", density), calibration=calibration)
+    return Predictors(weights, sl.rules.TopK(0.3), policy=Policy("density", density), calibration=calibration,
+                      lookahead=lookahead)
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_fused_selector_decode_equals_the_predictors_union_mask(use_cache):
-    model = tiny_llama()
+@pytest.mark.parametrize("use_cache,dtype", [(False, torch.float32), (True, torch.float32),
+                                             (False, torch.bfloat16)])
+def test_fused_selector_decode_equals_the_predictors_union_mask(use_cache, dtype):
+    model = tiny_llama().to(dtype)
     pred = threshold_predictors()
     layer = 2
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     with sparsify(model, pred, mode="predicted", use_cache=use_cache) as handle:
-        assert model.model.layers[layer].mlp._selector is not None
+        wrapper = model.model.layers[layer].mlp
+        assert wrapper._selector is not None
         calls, hook = capture(model, layer)
         generate(model, n=3)
         hook.remove()
@@ -221,10 +225,32 @@ def test_fused_selector_decode_equals_the_predictors_union_mask(use_cache):
     assert len(decode) == 2  # 3 new tokens: 1 from the prefill, 2 decode steps
     for (x, y), active in zip(calls[1:], decode["active"], strict=True):
         x2 = x.reshape(2, H)
-        union = pred.union_mask(layer, x2)  # the torch path: scores > threshold, any over rows
+        union = pred.union_mask(layer, x2.float())  # the torch path: scores > threshold, any
         assert 0 < int(union.sum()) < N and int(active) == int(union.sum())
         expected, _ = ref_mlp(mlp, x2, union.expand(2, N))
-        torch.testing.assert_close(y.reshape(2, H).double(), expected, rtol=1e-4, atol=1e-5)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.reshape(2, H).double(), expected, **tol)
+    assert torch.equal(wrapper.last_mask, union)  # the set of the last step
+
+
+def test_fused_selector_reads_the_input_norm_output_for_lookahead_predictors():
+    model = tiny_llama()
+    pred = threshold_predictors(lookahead=True)
+    layer = 1
+    norm_out = []
+    norm_hook = model.model.layers[layer].input_layernorm.register_forward_hook(
+        lambda m, i, o: norm_out.append(o.detach().clone()))
+    with sparsify(model, pred, mode="predicted"):
+        assert model.model.layers[layer].mlp._selector is not None
+        calls, hook = capture(model, layer)
+        generate(model, n=2)
+        hook.remove()
+    norm_hook.remove()
+    x, y = calls[1]
+    m = pred.union_mask(layer, norm_out[1].reshape(2, H))
+    assert not torch.equal(m, pred.union_mask(layer, x.reshape(2, H)))
+    expected, _ = ref_mlp(model.model.layers[layer].mlp, x.reshape(2, H), m)
+    torch.testing.assert_close(y.reshape(2, H).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_generated_logits_match_an_independent_sparse_model():
