@@ -103,3 +103,18 @@ def test_bad_calls_are_named(x, threshold, message):
     sel = _fast.LowRankSelector(*make_predictor(4, 16, 10))
     with pytest.raises(ValueError, match=message):
         sel(x, threshold)
+
+
+def test_concurrent_calls_from_python_threads_do_not_share_buffers():
+    # the GIL is released inside the kernel: two threads may be in it at once
+    from concurrent.futures import ThreadPoolExecutor
+
+    first, second, bias = make_predictor(32, 256, 1024)
+    sel = _fast.LowRankSelector(first, second, bias, n_threads=1)
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(b % 3 + 1, 256, generator=g) for b in range(64)]
+    expected = [sel(x, 0.0) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda x: sel(x, 0.0), xs * 4))
+    for i, (idx, mask) in enumerate(got):
+        assert np.array_equal(idx, expected[i % 64][0]) and np.array_equal(mask, expected[i % 64][1])

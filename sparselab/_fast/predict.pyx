@@ -76,26 +76,26 @@ cdef class BoundSelector:
 
         >>> sel = BoundSelector(first, second, bias)
         >>> idx, mask = sel.select(x, threshold, n_threads)    # int64 [n], bool [N] (fresh)
+
+    Scratch and outputs are allocated per call (well under a microsecond), so concurrent
+    calls from several Python threads (the GIL is released) never share a buffer.
     """
 
     cdef const float[:, ::1] first
     cdef const float[:, ::1] second
     cdef const float[::1] bias
-    cdef float[:, ::1] z
-    cdef int64_t[::1] idx
 
     def __init__(self, const float[:, ::1] first, const float[:, ::1] second, const float[::1] bias):
         self.first, self.second, self.bias = first, second, bias
-        self.z = np.empty((1, first.shape[0]), np.float32)
-        self.idx = np.empty(second.shape[0], np.int64)
 
     def select(self, const float[:, ::1] x, float threshold, int n_threads):
         cdef Py_ssize_t n
-        if x.shape[0] > self.z.shape[0]:
-            self.z = np.empty((x.shape[0], self.first.shape[0]), np.float32)
+        z_arr = np.empty((x.shape[0], self.first.shape[0]), np.float32)
         mask = np.empty(self.second.shape[0], np.bool_)
+        idx = np.empty(self.second.shape[0], np.int64)
+        cdef float[:, ::1] z = z_arr
         cdef uint8_t[::1] m = mask.view(np.uint8)
+        cdef int64_t[::1] out = idx
         with nogil:
-            n = _select(self.first, self.second, self.bias, x, self.z[:x.shape[0]], threshold,
-                        m, self.idx, n_threads)
-        return np.asarray(self.idx)[:n].copy(), mask
+            n = _select(self.first, self.second, self.bias, x, z, threshold, m, out, n_threads)
+        return idx[:n], mask
