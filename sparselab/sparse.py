@@ -482,9 +482,9 @@ def _selector_for(runtime: _Runtime, layer: int):
     from sparselab.predictors import Predictors
 
     p = runtime.predictors
-    if runtime.mode != "predicted" or not isinstance(p, Predictors) or p.policy.kind == "top_k":
+    if runtime.mode != "predicted" or not isinstance(p, Predictors):
         return None, None
-    threshold = p.thresholds.get(int(layer))
+    threshold = p.thresholds.get(int(layer))  # None under a top-k policy
     first, second, bias = p.layer_weights(layer)
     if threshold is None or first.dtype != torch.float32:
         return None, None

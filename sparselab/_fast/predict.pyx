@@ -1,8 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Low-rank predictor scores, threshold and union over the batch in one pass.
 
-    >>> n = lowrank_select(first, second, bias, x, z, threshold, mask, idx, 1)
-    >>> active = idx[:n]        # ascending neuron ids whose score > threshold in any row
+    >>> sel = BoundSelector(first, second, bias)
+    >>> idx, mask = sel.select(x, threshold, 1)   # ascending ids scoring > threshold in any row
 
 ``scores[b, j] = bias[j] + second[j] . (first @ x[b])``: first ``[R, H]``, second
 ``[N, R]``, float32. The decode step needs only the neuron ids, so the scores are never
@@ -57,22 +57,9 @@ cdef Py_ssize_t _select(const float[:, ::1] first, const float[:, ::1] second,
     return n
 
 
-def lowrank_select(const float[:, ::1] first, const float[:, ::1] second,
-                   const float[::1] bias, const float[:, ::1] x, float[:, ::1] z,
-                   float threshold, uint8_t[::1] mask, int64_t[::1] idx, int n_threads):
-    """Fill ``mask[j]`` (1 if any row scores above ``threshold``) and ``idx[:n]``; return n.
-
-    ``z`` is ``[B, R]`` scratch for the rank-space projection of ``x``.
-    """
-    cdef Py_ssize_t n
-    with nogil:
-        n = _select(first, second, bias, x, z, threshold, mask, idx, n_threads)
-    return n
-
-
 cdef class BoundSelector:
-    """:func:`lowrank_select` with the weights bound once: a decode step then pays for one
-    buffer acquisition (``x``) instead of eight.
+    """The selection with the weights bound once: a decode step then pays for one buffer
+    acquisition (``x``) instead of eight.
 
         >>> sel = BoundSelector(first, second, bias)
         >>> idx, mask = sel.select(x, threshold, n_threads)    # int64 [n], bool [N] (fresh)
