@@ -208,7 +208,7 @@ class SparseMLP(nn.Module):
         self.down_t = down_t
         self.static_idx = static_idx
         self.cache = None
-        self._indexed = None  # kernel (2) with the weights checked once
+        self._indexed = None  # by-index kernel with the weights checked once
         if down_t is not None and runtime.kernel == "fast":
             from sparselab import _fast
 
@@ -458,7 +458,7 @@ class SparseMLP(nn.Module):
         x32 = x2.detach().to(torch.float32).contiguous().numpy()
         px = self._predictor_input(x2)
         px32 = x32 if px is x2 else px.detach().to(torch.float32).contiguous().numpy()
-        idx, mask = self._selector.select_checked(px32, self._threshold)
+        idx, mask = self._selector.select_unchecked(px32, self._threshold)
         t1 = clock()
         if self.cache is not None:
             stats = self.cache.update(mask)
@@ -466,7 +466,7 @@ class SparseMLP(nn.Module):
             y = self.cache.forward(x2, self.rt.activation)
         else:
             stats, t2 = None, t1
-            y = self._indexed.run_checked(x32, idx)
+            y = self._indexed.run_unchecked(x32, idx)
             if y.dtype != x.dtype:
                 y = y.to(x.dtype)
         self._record("decode", -1, x2.shape[0], len(idx), mask, stats, t1 - t0, 0, t2 - t1,

@@ -1,4 +1,4 @@
-"""Packed-bit mask kernels of ``sparselab._fast`` against the numpy reference in ``sparselab.bits``.
+"""Packed-bit mask kernels of ``sparselab._fast`` against the numpy reference in ``sparselab.testing.reference``.
 
     pytest tests/test_fast_masks.py
 """
@@ -9,7 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparselab import _fast, bits
+from sparselab import _fast
+from sparselab.testing import reference as bits
 
 SETTINGS = settings(deadline=None, max_examples=60)
 
@@ -32,7 +33,7 @@ def bool_masks(draw, rows=ROWS):
 def test_pack_unpack_popcount_match_reference(m):
     words = _fast.pack(m)
     np.testing.assert_array_equal(words, bits.pack_bits(m))
-    assert words.dtype == np.uint64 and words.shape == (m.shape[0], bits.n_words(m.shape[1]))
+    assert words.dtype == np.uint64 and words.shape == (m.shape[0], _fast.n_words(m.shape[1]))
     np.testing.assert_array_equal(_fast.unpack(words, m.shape[1]), m)
     np.testing.assert_array_equal(_fast.popcount(words), bits.popcount(words))
     assert _fast.popcount(words[0]) == int(m[0].sum())

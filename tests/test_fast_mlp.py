@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparselab import _fast
+from sparselab.testing.reference import dense_reference
 
 SETTINGS = settings(deadline=None, max_examples=50)
 DTYPES = [torch.float32, torch.bfloat16]
@@ -67,7 +68,7 @@ def test_both_kernels_match_dense_reference(n_neurons, hidden, batch, dtype, act
     rng = np.random.default_rng(seed)
     mask = rng.random(n_neurons) < density
     out = torch.float32 if out_fp32 else None
-    ref = _fast.dense_reference(x, gate, up, down, activation, mask_bool=mask)
+    ref = dense_reference(x, gate, up, down, activation, mask_bool=mask)
     scale = abs_scale(x, gate, up, down, activation, mask)
 
     cache = _fast.WeightCache(gate, up, down)
@@ -104,7 +105,7 @@ def test_larger_shape_and_batch_match_reference():
     gate, up, down, _ = make_weights(1000, 515, torch.float32, 7)
     x = torch.randn(5, 515)
     mask = np.random.default_rng(0).random(1000) < 0.3
-    ref = _fast.dense_reference(x, gate, up, down, "silu", mask_bool=mask)
+    ref = dense_reference(x, gate, up, down, "silu", mask_bool=mask)
     scale = abs_scale(x, gate, up, down, "silu", mask)
     y = _fast.sparse_mlp(x, gate, up, down.t().contiguous(), np.flatnonzero(mask), "silu")
     check_close(y, ref, scale, torch.float32)
@@ -123,7 +124,7 @@ def test_activations_are_the_models_not_relu():
                  ("gelu_tanh", lambda v: F.gelu(v, approximate="tanh"))]:
         dense = F.linear(f(F.linear(x.double(), gate.double())) * F.linear(x.double(), up.double()),
                          down.double())
-        torch.testing.assert_close(_fast.dense_reference(x, gate, up, down, a), dense)
+        torch.testing.assert_close(dense_reference(x, gate, up, down, a), dense)
         torch.testing.assert_close(ys[a].double(), dense, rtol=1e-4, atol=1e-5)
 
 
@@ -192,7 +193,7 @@ def test_indexed_mlp_matches_the_reference_call_after_call(dtype):
         idx = np.flatnonzero(mask)
         y = bound(x, idx)
         assert torch.equal(y, _fast.sparse_mlp(x, gate, up, down_t, idx, "silu"))
-        ref = _fast.dense_reference(x, gate, up, down, "silu", mask_bool=mask)
+        ref = dense_reference(x, gate, up, down, "silu", mask_bool=mask)
         check_close(y, ref, abs_scale(x, gate, up, down, "silu", mask), dtype)
 
 

@@ -2,8 +2,8 @@
 """Sparse gated-MLP kernels: ``y[b] = sum_j down_t[j] * act(gate[j] . x[b]) * (up[j] . x[b])``.
 
     >>> y = np.empty((1, H), np.float32)
-    >>> index_forward(gate, up, down_t, idx, x, y, ACT_SILU, 1)      # kernel (2)
-    >>> cache_forward(gate_up_buf, down_t_buf, n_active, x, y, ACT_SILU, 1)   # kernel (1)
+    >>> index_forward(gate, up, down_t, idx, x, y, ACT_SILU, 1)      # by index
+    >>> cache_forward(gate_up_buf, down_t_buf, n_active, x, y, ACT_SILU, 1)   # over the cache
 
 Both kernels run the same two passes over memory, and each byte of weights is read once:
 
@@ -292,7 +292,7 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
 def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,
                   const int64_t[::1] idx, const float[:, ::1] x, float[:, ::1] y, int act,
                   int n_threads):
-    """Kernel (2): rows ``idx`` of the full ``gate``/``up``/``down_t`` ``[I, H]``, in place."""
+    """By index: rows ``idx`` of the full ``gate``/``up``/``down_t`` ``[I, H]``, in place."""
     cdef Py_ssize_t n = idx.shape[0], bsz = x.shape[0], h = x.shape[1]
     if n == 0:
         y[:, :] = 0.0
@@ -304,7 +304,7 @@ def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[
 
 def cache_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t, Py_ssize_t n,
                   const float[:, ::1] x, float[:, ::1] y, int act, int n_threads):
-    """Kernel (1): the first ``n`` slots of a cache's ``gate_up [cap, 2, H]`` and
+    """Over the cache: the first ``n`` slots of a cache's ``gate_up [cap, 2, H]`` and
     ``down_t [cap, H]`` buffers, which are contiguous, so no index indirection."""
     cdef Py_ssize_t bsz = x.shape[0], h = x.shape[1]
     if n == 0:

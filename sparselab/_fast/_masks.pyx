@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Packed-bit mask kernels (layout of ``sparselab.bits``: neuron i in word i//64, bit i%64).
 
-    >>> from sparselab._fast import masks
+    >>> from sparselab._fast import _masks as masks
     >>> out = np.zeros((1, 1), np.uint64); masks.pack_into(np.array([[1, 0, 1]], np.uint8), out)
     >>> int(out[0, 0])
     5

@@ -1,0 +1,102 @@
+"""The sparse gated MLP by index: computed straight from the full weights over a list of
+active neurons, no copy.
+
+    >>> y = sparse_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, down_t, idx, "silu")
+    >>> layer = IndexedMLP(gate_w, up_w, down_t, "silu"); y = layer(x, idx)
+
+The same computation over a :class:`~sparselab._fast.cache.WeightCache`'s contiguous rows
+is :meth:`WeightCache.forward`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from sparselab._fast import _masks, _mlp
+from sparselab._fast._validate import (
+    activation_code,
+    as_numpy,
+    check_threads,
+    check_weight,
+    finish,
+    prep_x,
+    resolve_out_dtype,
+)
+
+__all__ = ["IndexedMLP", "sparse_mlp"]
+
+
+def _index_array(active_idx, n_neurons: int) -> np.ndarray:
+    arr = as_numpy(active_idx, "active_idx")
+    if arr.ndim != 1:
+        raise ValueError(f"active_idx must be 1-D, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"active_idx must hold integers, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    code = _masks.check_indices(arr, n_neurons)
+    if code == 1:
+        bad = arr[(arr < 0) | (arr >= n_neurons)][0]
+        raise ValueError(f"active_idx contains {bad}, out of range [0, {n_neurons})")
+    if code == 2:
+        raise ValueError("active_idx contains duplicate indices")
+    return arr
+
+
+def sparse_mlp(x, gate_weight, up_weight, down_t, active_idx, activation: str,
+               n_threads=None, out_dtype=None) -> torch.Tensor:
+    """The sparse MLP by index, straight from the full weights, by index list, no copy.
+
+        >>> y = sparse_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, down_t, idx, "silu")
+
+    ``gate_weight``/``up_weight``/``down_t`` are ``[I, H]`` contiguous (``down_t`` is
+    ``down_proj.weight.t().contiguous()``), float32 or bfloat16. ``active_idx`` is 1-D
+    integer, unique, in ``[0, I)``, any order (sorted is friendlier to the prefetcher).
+    """
+    return IndexedMLP(gate_weight, up_weight, down_t, activation, n_threads)(x, active_idx, out_dtype)
+
+
+class IndexedMLP:
+    """The by-index sparse MLP bound to one layer's weights, checked once: per call only ``x`` and the
+    index list are checked (what a decode step changes).
+
+        >>> mlp = IndexedMLP(gate_w, up_w, down_t, "silu")
+        >>> y = mlp(x, idx)            # == sparse_mlp(x, gate_w, up_w, down_t, idx, "silu")
+
+    Holds references to the weights (no copy). ``n_threads`` defaults to
+    ``torch.get_num_threads()`` at each call.
+    """
+
+    def __init__(self, gate_weight, up_weight, down_t, activation: str, n_threads=None) -> None:
+        self._code = activation_code(activation)
+        self._n_threads = None if n_threads is None else check_threads(n_threads)
+        gate, self._gate_np = check_weight(gate_weight, "gate_weight")
+        up, self._up_np = check_weight(up_weight, "up_weight", gate.dtype)
+        dt, self._dt_np = check_weight(down_t, "down_t", gate.dtype)
+        if up.shape != gate.shape:
+            raise ValueError(f"up_weight has shape {tuple(up.shape)}, gate_weight "
+                             f"{tuple(gate.shape)}: they must match")
+        if dt.shape != gate.shape:
+            raise ValueError(f"down_t has shape {tuple(dt.shape)}; expected [I, H] = "
+                             f"{tuple(gate.shape)} (transpose down_proj.weight)")
+        self._weights = (gate, up, dt)  # keep the tensors the numpy views point into alive
+        self.dtype = gate.dtype
+        self.n_neurons, self.hidden = int(gate.shape[0]), int(gate.shape[1])
+
+    def __call__(self, x, active_idx, out_dtype=None) -> torch.Tensor:
+        idx = _index_array(active_idx, self.n_neurons)
+        od = resolve_out_dtype(out_dtype, self.dtype)
+        x32, was_1d = prep_x(x, self.hidden, self.dtype)
+        return finish(self.run_unchecked(x32, idx), was_1d, od)
+
+    def run_unchecked(self, x32: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """The kernel on arguments the caller has already checked: ``x32`` float32
+        C-contiguous ``[B, H]``, ``idx`` int64 C-contiguous, unique, in range (as
+        :class:`LowRankSelector` returns them). Returns float32 ``[B, H]``. For the decode
+        loop, where every microsecond of Python is a share of a 135M model's step."""
+        y = torch.empty(x32.shape, dtype=torch.float32)
+        if x32.shape[0]:
+            nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
+            _mlp.index_forward(self._gate_np, self._up_np, self._dt_np, idx, x32, y.numpy(),
+                               self._code, nt)
+        return y

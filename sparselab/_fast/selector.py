@@ -1,0 +1,70 @@
+"""A low-rank predictor's decode-step selection fused in one compiled pass: scores,
+threshold and the union over the batch rows.
+
+    >>> sel = LowRankSelector(first, second, bias)          # [R, H], [N, R], [N]
+    >>> idx, mask = sel(x, threshold)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from sparselab._fast import _predict
+from sparselab._fast._validate import check_threads
+
+__all__ = ["LowRankSelector"]
+
+
+class LowRankSelector:
+    """A low-rank predictor's decode-step selection, fused: scores, threshold and the
+    union over the batch rows, returning the active neuron ids without materialising the
+    scores.
+
+        >>> sel = LowRankSelector(first, second, bias)          # [R, H], [N, R], [N]
+        >>> idx, mask = sel(x, threshold)    # == nonzero((bias + x @ first.T @ second.T > t).any(0))
+
+    ``idx`` is int64 ascending, ``mask`` bool ``[N]`` (a fresh array per call). float32
+    weights only (a copy is not made: they are referenced). ``x`` is ``[B, H]`` or ``[H]``
+    of any float dtype. Scores are summed in float32 in a fixed order, so a neuron whose
+    score lies within rounding of the threshold may differ from a torch matmul's choice.
+    """
+
+    def __init__(self, first, second, bias, n_threads=None) -> None:
+        for name, t, ndim in (("first", first, 2), ("second", second, 2), ("bias", bias, 1)):
+            if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+                raise ValueError(f"{name} must be a CPU torch tensor, got {type(t).__name__}")
+            if t.dtype != torch.float32:
+                raise ValueError(f"{name} must be float32, got {t.dtype}")
+            if t.dim() != ndim:
+                raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(t.shape)}")
+        rank, hidden = first.shape
+        if second.shape[1] != rank:
+            raise ValueError(f"second has shape {tuple(second.shape)}; expected [N, {rank}] "
+                             f"for first of shape {tuple(first.shape)}")
+        if bias.shape[0] != second.shape[0]:
+            raise ValueError(f"bias has {bias.shape[0]} entries, second has {second.shape[0]} rows")
+        self._n_threads = None if n_threads is None else check_threads(n_threads)
+        self._tensors = tuple(t.detach().contiguous() for t in (first, second, bias))
+        self._bound = _predict.BoundSelector(*(t.numpy() for t in self._tensors))
+        self.rank, self.hidden, self.n_neurons = int(rank), int(hidden), int(second.shape[0])
+
+    def __call__(self, x, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
+            raise ValueError(f"x must be a CPU torch tensor, got {type(x).__name__}")
+        if x.dim() not in (1, 2) or x.shape[-1] != self.hidden:
+            raise ValueError(f"x must be [batch, {self.hidden}] or [{self.hidden}], "
+                             f"got shape {tuple(x.shape)}")
+        threshold = float(threshold)
+        if math.isnan(threshold):
+            raise ValueError("threshold is NaN")
+        x32 = x.detach().reshape(-1, self.hidden).to(torch.float32).contiguous().numpy()
+        return self.select_unchecked(x32, threshold)
+
+    def select_unchecked(self, x32: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+        """``self(x, threshold)`` for a caller that has checked its arguments: ``x32``
+        float32 C-contiguous ``[B, H]``, ``threshold`` a float that is not NaN."""
+        nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
+        return self._bound.select(x32, threshold, nt)
