@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sparselab import _fast
-from sparselab.kernel_bench import (
+from sparselab.evaluation.kernel_bench import (
     CHURNS,
     DENSITIES,
     SHAPES,

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 import sparselab as sl
-from sparselab import bench_suite
 from sparselab._version import versions
-from sparselab.predictors import train_predictors
+from sparselab.evaluation import suite
+from sparselab.prediction import train_predictors
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -149,11 +149,11 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model, tokenizer = sl.load_model()
-    spec = bench_suite.load_config(CONFIG)["predictors"]
+    spec = suite.load_config(CONFIG)["predictors"]
     if args.study == "data":
         rows, summary = study_data(model, tokenizer, spec)
     else:
-        predictors, _ = bench_suite.trained_predictors(model, tokenizer, spec)
+        predictors, _ = suite.trained_predictors(model, tokenizer, spec)
         rows, summary = study_allocation(model, tokenizer, spec, predictors)
     summary["wall_time_s"] = round(time.perf_counter() - t0, 1)
     summary["torch_threads"] = torch.get_num_threads()

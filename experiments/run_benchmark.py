@@ -5,7 +5,7 @@
     python experiments/run_benchmark.py --config ... --threads 1 --max_new_tokens 16 --out /tmp/results
 
 The configs (``experiments/configs/*.json``), the variants and how they are measured are
-described in :mod:`sparselab.bench_suite`, which does the work; this file is its command
+described in :mod:`sparselab.evaluation.suite`, which does the work; this file is its command
 line. Results go to ``<out>/<config>_<timestamp>.json`` and ``.csv`` (one row per run) and
 a stable latest copy ``<out>/<config>.json`` / ``.md``.
 """
@@ -20,15 +20,14 @@ from typing import Any
 import torch
 
 import sparselab as sl
-from sparselab import bench
-from sparselab.bench_suite import (  # noqa: F401  (re-exported for scripts and tests)
+from sparselab.evaluation.memory import MB
+from sparselab.evaluation.suite import (  # noqa: F401  (re-exported for scripts and tests)
     full_model_bytes,
     load_config,
     measure,
     prepare,
-    report,
-    write_results,
 )
+from sparselab.evaluation.suite_report import report, write_results  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -66,10 +65,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     setup = prepare(config, threads=threads, progress=True, log=log)
     b = setup.budget
-    log(f"model {sl.models.model_identity(setup.model)}; RSS of the model {setup.rss_model / bench.MB:.1f} MiB")
-    log(f"bytes per decoded token {b.total / bench.MB:.1f} MiB, f = {b.f:.3f}; bound at d = "
+    log(f"model {sl.models.model_identity(setup.model)}; RSS of the model {setup.rss_model / MB:.1f} MiB")
+    log(f"bytes per decoded token {b.total / MB:.1f} MiB, f = {b.f:.3f}; bound at d = "
         f"{config['density']}: {b.bound(config['density']):.3f}x, with predictors "
-        f"({setup.predictors.bytes / bench.MB:.1f} MiB) {b.bound(config['density'], setup.predictors.bytes):.3f}x")
+        f"({setup.predictors.bytes / MB:.1f} MiB) {b.bound(config['density'], setup.predictors.bytes):.3f}x")
     log(f"torch threads {torch.get_num_threads()}, prompt {setup.input_ids.shape[1]} tokens")
     result, runs = measure(setup, num_runs=args.num_runs, warmup_runs=args.warmup_runs,
                            max_new_tokens=args.max_new_tokens, progress=True,

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 import sparselab as sl
-from sparselab import bench_suite
+from sparselab.evaluation import suite
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -87,8 +87,8 @@ def main(argv=None) -> pd.DataFrame:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model, tokenizer = sl.load_model()
-    config = bench_suite.load_config(CONFIG)
-    predictors, _ = bench_suite.trained_predictors(model, tokenizer, config["predictors"])
+    config = suite.load_config(CONFIG)
+    predictors, _ = suite.trained_predictors(model, tokenizer, config["predictors"])
     train, held_out = sl.corpus.split(sl.load_corpus(), held_out=0.25)
     # static sets from training passages the predictors did not see either way
     static_trace = sl.record(model, tokenizer, train[: args.static_texts], max_length=128,

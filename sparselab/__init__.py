@@ -5,35 +5,54 @@
     >>> trace = sl.record(model, tokenizer, sl.load_corpus(n=16), max_length=128)
     >>> masks = trace.masks(sl.rules.Calibrated(density=0.5))
     >>> sl.metrics.churn(masks).groupby("layer").churn.mean()
+
+The package follows the two data flows (see the README's module map):
+models -> recording -> masking -> metrics -> viz, and prediction -> runtime -> evaluation;
+studies/ holds the analyses behind single notebooks, _fast/ the compiled core.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
-from sparselab import rules
+from sparselab import _compat
 from sparselab._version import __version__, versions
-from sparselab.corpus import load_corpus
-from sparselab.evaluate import evaluate  # binds sl.evaluate to the function, not the module
-from sparselab.masks import Masks
+from sparselab.evaluation.quality import evaluate
+from sparselab.masking import rules
+from sparselab.masking.masks import Masks
 from sparselab.models import load_model
-from sparselab.predictors import Predictors, train_predictors
-from sparselab.record import Recorder, record
-from sparselab.sparse import SparseHandle, sparsify
-from sparselab.trace import Trace
+from sparselab.models.corpus import load_corpus
+from sparselab.prediction import Predictors, train_predictors
+from sparselab.recording import Recorder, Trace, record
+from sparselab.runtime import SparseHandle, sparsify
 
-# submodules that import plotly/ipywidgets are loaded on first use, keeping `import
-# sparselab` fast for scripts that only record
+_compat.install()
+# old module paths named like a public function: registered now, so that importing them
+# never rebinds sl.record / sl.evaluate (the functions) to a module
+for _old in ("sparselab.record", "sparselab.evaluate"):
+    sys.modules.setdefault(_old, _compat.build(_old))
+
+# subpackages and modules loaded on first use: plotly / ipywidgets / dask stay out of
+# `import sparselab` for scripts that only record
 _LAZY_MODULES = {
-    "metrics", "figures", "dashboard_app", "report_html", "models", "corpus", "independence",
-    "hotset", "sweeps", "interact", "figures_reuse", "figures_kernels", "predictors", "sparse",
-    "bench", "live", "figures_live", "calibration", "contextual", "residual", "predictor_study",
-    "figures_quality",
+    "metrics": "sparselab.metrics",
+    "figures": "sparselab.viz",
+    "viz": "sparselab.viz",
+    "models": "sparselab.models",
+    "corpus": "sparselab.models.corpus",
+    "masking": "sparselab.masking",
+    "recording": "sparselab.recording",
+    "prediction": "sparselab.prediction",
+    "runtime": "sparselab.runtime",
+    "evaluation": "sparselab.evaluation",
+    "studies": "sparselab.studies",
+    "testing": "sparselab.testing",
 }
 _LAZY_ATTRS = {
-    "dashboard": ("sparselab.dashboard_app", "dashboard"),
-    "report": ("sparselab.report_html", "report"),
+    "dashboard": ("sparselab.viz.dashboard", "dashboard"),
+    "report": ("sparselab.viz.report", "report"),
 }
 
 __all__ = [
@@ -56,8 +75,11 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY_MODULES:
-        return importlib.import_module(f"sparselab.{name}")
+        return importlib.import_module(_LAZY_MODULES[name])
     if name in _LAZY_ATTRS:
         module, attr = _LAZY_ATTRS[name]
         return getattr(importlib.import_module(module), attr)
+    old = f"sparselab.{name}"
+    if old in _compat.MOVED or old in _compat.SPLIT:  # sl.bench, sl.hotset, ... (old names)
+        return importlib.import_module(old)
     raise AttributeError(f"module 'sparselab' has no attribute {name!r}")

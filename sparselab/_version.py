@@ -1,11 +1,15 @@
-"""Version of sparselab and of the libraries whose behaviour its numbers depend on."""
+"""Version of sparselab (from the installed package's metadata: pyproject.toml is its one
+source) and of the libraries whose behaviour its numbers depend on."""
 
 from __future__ import annotations
 
 import platform
 from importlib import metadata
 
-__version__ = "0.1.0"
+try:
+    __version__ = metadata.version("sparselab")
+except metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 
 def versions() -> dict[str, str]:

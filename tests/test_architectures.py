@@ -1,14 +1,17 @@
-"""Every supported architecture on a tiny randomly initialised config (no download).
+"""Every tested architecture on a tiny randomly initialised config (no download).
 
-For each: the adapter finds all decoder layers and the right activation, recording works,
-and what was recorded agrees with a recomputation from the layer's own weights and with
-the model's residual stream (``output_hidden_states``).
+For each: the adapter finds all decoder layers and the right activation by structure,
+recording works, what was recorded agrees with a recomputation from the layer's own
+weights and with the model's residual stream (``output_hidden_states``), and the model
+runs sparsely (oracle masks per token) exactly like an independent hook-based sparse
+model, then is restored bit for bit.
 
     pytest -q tests/test_architectures.py
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
@@ -42,7 +45,19 @@ ARCHS = {
         tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 8}, "gemma3_text", "gelu_tanh", False,
     ),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}, "phi3", "silu", True),
+    # no list of model types is consulted: these are found by structure alone
+    "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM, {}, "olmo", "silu", False),
+    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}, "olmo2", "silu", False),
+    "granite": (tf.GraniteConfig, tf.GraniteForCausalLM, {}, "granite", "silu", False),
+    "cohere": (tf.CohereConfig, tf.CohereForCausalLM, {}, "cohere", "silu", False),
+    "stablelm": (tf.StableLmConfig, tf.StableLmForCausalLM, {}, "stablelm", "silu", False),
+    "helium": (tf.HeliumConfig, tf.HeliumForCausalLM, {"head_dim": 8}, "helium", "silu", False),
+    "glm": (tf.GlmConfig, tf.GlmForCausalLM, {"head_dim": 8}, "glm", "silu", True),
+    "exaone4": (tf.Exaone4Config, tf.Exaone4ForCausalLM, {"head_dim": 8}, "exaone4", "silu", False),
 }
+# how the MLP sits in the residual stream, where it is not "x + mlp(pre_norm(x))"
+POST_NORM_ONLY = {"olmo2", "exaone4"}  # mlp(x) with no norm before it, a norm after
+PARALLEL = {"cohere"}  # attention and MLP both read input_layernorm(x)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -86,10 +101,12 @@ def own_gate_up(mlp: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return mlp.gate_proj.weight, mlp.up_proj.weight
 
 
-def mlp_norms(layer: torch.nn.Module):
+def mlp_norms(layer: torch.nn.Module, arch: str):
     """(norm before the MLP, map applied to the MLP output before the residual add)."""
-    pre = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
     post = getattr(layer, "post_feedforward_layernorm", None) or (lambda t: t)
+    if arch in POST_NORM_ONLY:
+        return (lambda t: t), post
+    pre = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
     return pre, post
 
 
@@ -105,7 +122,7 @@ def test_adapter_finds_layers_and_activation(arch):
     x = torch.linspace(-5, 5, 201)
     for i, lm in enumerate(adapter.layers):
         assert lm.index == i and lm.layer is decoder_layers[i] and lm.mlp is decoder_layers[i].mlp
-        assert lm.input_norm is decoder_layers[i].input_layernorm
+        assert lm.input_norm is getattr(decoder_layers[i], "input_layernorm", None)
         assert lm.fused_gate_up is fused and lm.n_neurons == NEURONS
         # the adapter's activation is the function the model's MLP really applies
         torch.testing.assert_close(adapter.act_fn(x), own_act(lm.mlp)(x), rtol=0, atol=1e-6)
@@ -142,14 +159,16 @@ def test_recorded_h_matches_recomputation_from_weights(arch):
             ref_gate = act(x @ gate_w.T)
             ref_h = ref_gate * (x @ up_w.T)
             # the decoder layer's input norm, applied to the residual stream entering it
-            ref_layer_in = layer.input_layernorm(hidden[i][valid])
+            # (models without one record the residual stream itself)
+            norm = getattr(layer, "input_layernorm", None)
+            ref_layer_in = hidden[i][valid] if norm is None else norm(hidden[i][valid])
         torch.testing.assert_close(trace.activations(i), ref_h, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(trace.gate_activations(i), ref_gate, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(trace.layer_inputs(i), ref_layer_in, rtol=1e-5, atol=1e-5)
-        if i + 1 < N_LAYERS:  # the last hidden state is after the final norm
+        if i + 1 < N_LAYERS and arch not in PARALLEL:  # the last is after the final norm
             # residual stream after the MLP = residual before it + (post-norm of) down(h);
             # so the pre-MLP norm of (next layer's input - MLP output) is the MLP input
-            pre, post = mlp_norms(layer)
+            pre, post = mlp_norms(layer, arch)
             with torch.no_grad():
                 mlp_out = post(layer.mlp.down_proj(trace.activations(i)))
                 residual = hidden[i + 1][valid] - mlp_out
@@ -211,3 +230,82 @@ def test_unsupported_model_names_class_and_supported_list():
         assert name in message
     with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel"):
         sl.Recorder(model)
+
+
+def masked_by_hooks(model, keep: float):
+    """An independent sparse model: pre-hooks on every down projection keep each token's
+    ``keep`` share of largest |h| (plain torch, none of sparselab's runtime)."""
+    hooks = []
+    for layer in model.model.layers:
+        def zero_small(module, args):
+            h = args[0]
+            k = int(round(keep * h.shape[-1]))
+            mask = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, h.abs().topk(k, dim=-1).indices, True)
+            return (h * mask,)
+
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(zero_small))
+    return hooks
+
+
+def test_at_least_twelve_architectures_are_tested():
+    assert len(ARCHS) >= 12
+    assert {"olmo2", "granite", "cohere"} <= set(ARCHS)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_sparsify_oracle_per_token_matches_hooks_and_restores_bit_exactly(arch):
+    model = tiny_model(arch)
+    inputs = batch(lengths=(6, 6))
+    with torch.no_grad():
+        dense = model(**inputs, use_cache=False).logits
+        with sl.sparsify(model, mode="oracle", rule=sl.rules.TopK(0.5), prefill="per_token") as handle:
+            sparse = model(**inputs, use_cache=False).logits
+        assert not sl.runtime.is_sparsified(model) and not handle.active
+        restored = model(**inputs, use_cache=False).logits
+        hooks = masked_by_hooks(model, 0.5)
+        try:
+            reference = model(**inputs, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+    assert torch.equal(restored, dense)  # bit for bit
+    assert not torch.allclose(sparse, dense, atol=1e-6)  # the masks did something
+    torch.testing.assert_close(sparse, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_static_decode_runs_the_fast_kernels_and_restores(arch):
+    """The compiled kernels (down transposed in place) on every layout, then restored."""
+    model = tiny_model(arch)
+    ids = batch(lengths=(5,))["input_ids"]
+    static = {i: np.arange(0, NEURONS, 2) for i in range(N_LAYERS)}
+    keep = torch.zeros(NEURONS, dtype=torch.bool)
+    keep[::2] = True
+    with torch.no_grad():
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with sl.sparsify(model, mode="static", static_neurons=static, prefill="union"):
+            sparse = model(input_ids=ids, use_cache=False).logits
+        hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: (a[0] * keep,))
+                 for layer in model.model.layers]
+        try:
+            reference = model(input_ids=ids, use_cache=False).logits
+        finally:
+            for h in hooks:
+                h.remove()
+    torch.testing.assert_close(sparse, reference, rtol=1e-4, atol=1e-5)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].is_contiguous() for k in before)
+
+
+def test_a_gated_mlp_with_an_extra_step_is_refused():
+    # BitNet normalises h inside its MLP (down(norm(act(gate) * up))): same projections,
+    # another function. Sparsifying it as a plain gated MLP would be wrong.
+    model = tf.BitNetForCausalLM(tf.BitNetConfig(**COMMON, hidden_act="silu")).eval()
+    with pytest.raises(UnsupportedModelError, match="does not compute down.*ffn_sub_norm"):
+        adapter_for(model)
+
+
+def test_mixture_of_experts_is_refused_with_what_is_missing():
+    model = tf.MixtralForCausalLM(tf.MixtralConfig(**COMMON, num_local_experts=2)).eval()
+    with pytest.raises(UnsupportedModelError, match="no decoder layer holds a gated MLP"):
+        adapter_for(model)

@@ -1,4 +1,4 @@
-"""Packed-bit layout (sparselab.bits) and the Masks container against plain numpy / Python ints.
+"""Packed-bit layout (sparselab._fast.masks) and the Masks container against plain numpy / Python ints.
 
     pytest -q tests/test_bits_masks.py
 """
@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sparselab.bits import n_words, pack_bits, popcount, unpack_bits
-from sparselab.masks import Masks
+from sparselab._fast.masks import n_words, popcount
+from sparselab._fast.masks import pack as pack_bits
+from sparselab._fast.masks import unpack as unpack_bits
+from sparselab.masking.masks import Masks
 
 SETTINGS = settings(deadline=None, max_examples=80)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparselab as sl
-from sparselab import calibration
+from sparselab.studies import calibration
 
 LAYERS = (0, 3, 7)
 T, N = 200, 96

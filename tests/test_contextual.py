@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparselab as sl
-from sparselab import contextual
+from sparselab.studies import contextual
 from sparselab.testing.tiny import tiny_llama
 
 H, N, LAYERS = 64, 160, 2
@@ -104,7 +104,7 @@ def test_contextual_vs_static_rows_and_full_density(model, tokenizer):
     half = df[df.density == 0.5].set_index("mode")
     assert (half.kl > 0).all()
     # the static row really uses the most frequent top-50 % neurons of the training trace
-    sets = sl.sparse.static_from_trace(trace, sl.rules.TopK(0.5), 0.5)
+    sets = sl.prediction.static_from_trace(trace, sl.rules.TopK(0.5), 0.5)
     ppl, _ = reference_quality(model, tokenizer, TEXTS[2:], [sets[i] for i in range(LAYERS)])
     assert half.loc["static", "perplexity"] == pytest.approx(ppl, rel=1e-4)
 
@@ -114,7 +114,7 @@ def test_mass_kept_by_mode_recomputed(model, tokenizer):
     test = sl.record(model, tokenizer, TEXTS[2:], max_length=32, store=("h",), progress=False)
     df = contextual.mass_kept_by_mode(test, train, densities=(0.25,), seed=2)
     assert len(df) == LAYERS * 3
-    static = sl.sparse.static_from_trace(train, sl.rules.TopK(0.25), 0.25)
+    static = sl.prediction.static_from_trace(train, sl.rules.TopK(0.25), 0.25)
     rand = contextual.random_sets(test.layers, N, 0.25, seed=2)
     for layer in test.layers:
         mags = test.activations(layer).abs().double().numpy()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from sparselab.corpus import load_corpus, split
+from sparselab.models.corpus import load_corpus, split
 
 
 def test_pydoc_corpus_is_deterministic_and_non_empty():

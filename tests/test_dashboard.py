@@ -1,5 +1,5 @@
 """sl.dashboard: controls recompute the figures from the trace, matching trace.masks(rule);
-its tabs; sl.live.sparse_generate and the live figures (stats per step, masks, restore)."""
+its tabs; sl.runtime.sparse_generate and the live figures (stats per step, masks, restore)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import pytest
 import torch
 
 import sparselab as sl
-from sparselab import figures_live, live, metrics, rules
-from sparselab.dashboard_app import Dashboard
-from sparselab.magnitudes import MagnitudeIndex
-from sparselab.masks import Masks
-from sparselab.trace import Trace
+from sparselab import metrics
+from sparselab.masking import rules
+from sparselab.masking.masks import Masks
+from sparselab.masking.thresholds import MagnitudeIndex
+from sparselab.recording import Trace
+from sparselab.runtime import generate as live
+from sparselab.viz import live as figures_live
+from sparselab.viz.dashboard import Dashboard
 
 
 def _synthetic_trace(n_layers: int = 3, seq_len: int = 20, n_seq: int = 2, n_neurons: int = 100,
@@ -223,7 +226,7 @@ def test_reuse_curves_follow_the_rule_and_wait_for_their_tab():
 
 
 def _toy_predictors(trace: Trace, rank: int = 4):
-    from sparselab.predictors import Policy, Predictors
+    from sparselab.prediction import Policy, Predictors
 
     g = torch.Generator().manual_seed(1)
     hidden, n = trace.arrays["mlp_in"].shape[-1], trace.n_neurons
@@ -287,7 +290,7 @@ def test_live_tab_generates_on_the_real_model(real_model, small_trace):
     for name in ("prompt", "density", "max_new_tokens", "generate"):
         assert f"sparselab-live-{name.replace('_', '-')}" in dash.live_controls[name]._dom_classes
     result = dash.generate("The list type", mode="static", density=0.25, max_new_tokens=3)
-    static = sl.sparse.static_from_trace(small_trace, density=0.25)
+    static = sl.prediction.static_from_trace(small_trace, density=0.25)
     layer = dash.live_controls["layer"].value
     heat = dash.figures["live_heatmap"].data[0]
     shown = np.array([int(x) for x in heat.x])
@@ -425,7 +428,7 @@ def test_sparse_generate_on_the_real_model(real_model):
     assert list(result.step_times["phase"]) == ["prefill", "decode", "decode", "decode"]
     assert set(live.time_split(result)["component"]) >= {"sparse MLP", "rest of the model"}
 
-    assert not sl.sparse.is_sparsified(model)
+    assert not sl.runtime.is_sparsified(model)
     with torch.inference_mode():
         after = model(**probe).logits
     assert torch.equal(before, after)  # dense again, bit for bit

@@ -42,6 +42,18 @@ class StandInPredictors:
     def mask(self, layer, x):
         return sl.rules.TopK(self.density).mask(x.float() @ self.A[layer], layer)
 
+    # the rest of the MaskPredictor protocol
+    hidden_size, n_neurons, dtype = H, N, torch.float32
+
+    def low_rank_form(self, layer):
+        return None
+
+    def at_density(self, density):
+        return self.with_policy(target_density=density)
+
+    def describe(self):
+        return {"kind": "stand-in", "density": self.density}
+
 
 def masked_model(model, mask_fn, decode_only=False):
     """Pre-hooks on down_proj multiplying h by mask_fn(layer, h, x): an independent sparse model."""
@@ -114,7 +126,7 @@ def test_predicted_and_static_modes_match_independent_references(model, tokenize
     _, ppl_p, kl_p = reference_ppl_kl(model, tokenizer, TEXTS[:2],
                                       lambda i, h, x: p25.mask(i, x.reshape(-1, H)).reshape(h.shape),
                                       max_length=48)
-    sets = sl.sparse.static_from_trace(trace, sl.rules.TopK(0.25), 0.25)
+    sets = sl.prediction.static_from_trace(trace, sl.rules.TopK(0.25), 0.25)
     assert len(sets[0]) == 40
 
     def static_mask(i, h, x):
@@ -165,7 +177,7 @@ def test_tidy_frame_with_config_and_versions(model, tokenizer):
     assert df.attrs["versions"]["torch"] == torch.__version__
     assert df.attrs["model"]["intermediate_size"] == N
     assert np.isfinite(df.perplexity).all()
-    assert not sl.sparse.is_sparsified(model)
+    assert not sl.runtime.is_sparsified(model)
 
 
 @pytest.mark.parametrize("kwargs,message", [

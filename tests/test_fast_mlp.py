@@ -74,7 +74,7 @@ def test_both_kernels_match_dense_reference(n_neurons, hidden, batch, dtype, act
     cache = _fast.WeightCache(gate, up, down)
     cache.update(mask)
     y1 = cache.forward(x, activation, n_threads=n_threads, out_dtype=out)
-    idx = rng.permutation(np.flatnonzero(mask))  # kernel (2) must not need sorted indices
+    idx = rng.permutation(np.flatnonzero(mask))  # the by-index kernel must not need sorted indices
     down_t = down.t().contiguous()
     y2 = _fast.sparse_mlp(x, gate, up, down_t, idx, activation, n_threads=n_threads,
                           out_dtype=out)

@@ -10,8 +10,9 @@ import plotly.graph_objects as go
 import pytest
 
 import sparselab as sl
-from sparselab import figures, metrics
-from sparselab.masks import Masks
+from sparselab import metrics
+from sparselab import viz as figures
+from sparselab.masking.masks import Masks
 
 
 def _masks() -> Masks:

@@ -7,8 +7,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from sparselab import figures_quality as fq
-from sparselab import predictor_study
+from sparselab.studies import predictor_study
+from sparselab.viz import quality as fq
 
 
 def quantile_frame():

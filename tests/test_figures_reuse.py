@@ -6,8 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparselab import figures_reuse, hotset, independence, metrics
-from sparselab.masks import Masks
+from sparselab import metrics
+from sparselab.masking.masks import Masks
+from sparselab.studies import hotset, independence
+from sparselab.viz import reuse as figures_reuse
 
 SIZES = (1, 2, 4, 8)
 

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sparselab import hotset, rules
-from sparselab.masks import Masks
-from sparselab.trace import Trace
+from sparselab.masking import rules
+from sparselab.masking.masks import Masks
+from sparselab.recording import Trace
+from sparselab.studies import hotset
 
 # train counts per neuron [3, 1, 2, 0]; test counts [1, 1, 0, 2]
 TRAIN = np.array([[1, 1, 1, 0], [1, 0, 1, 0], [1, 0, 0, 0]], dtype=bool)

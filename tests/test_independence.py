@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sparselab import independence, metrics
-from sparselab.masks import Masks
+from sparselab import metrics
+from sparselab.masking.masks import Masks
+from sparselab.studies import independence
 
 
 def _masks(dense: np.ndarray, seq_ids=None) -> Masks:

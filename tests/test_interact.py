@@ -1,4 +1,4 @@
-"""sl.interact.linked_figure: controls redraw one FigureWidget in place."""
+"""sl.viz.interact.linked_figure: controls redraw one FigureWidget in place."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import ipywidgets as widgets
 import plotly.graph_objects as go
 import pytest
 
-from sparselab import interact
+from sparselab.viz import interact
 
 
 def _make(n: int, label: str = "a") -> go.Figure:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from sparselab import metrics
-from sparselab.masks import Masks
-from sparselab.trace import Trace
+from sparselab.masking.masks import Masks
+from sparselab.recording import Trace
 
 N = 70  # two uint64 words, so word boundaries are exercised
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sparselab as sl
-from sparselab import predictor_study
+from sparselab.studies import predictor_study
 
 H, N, TRUE_RANK = 24, 64, 4
 
@@ -37,7 +37,7 @@ def low_rank_trace(n_seq=24, seq_len=25, seed=0, layers=(0, 2)) -> sl.Trace:
 
 @pytest.fixture(scope="module")
 def sweep():
-    train, test = sl.predictors.split_sequences(low_rank_trace(), held_out=0.25)
+    train, test = sl.prediction.split_sequences(low_rank_trace(), held_out=0.25)
     return predictor_study.predictor_sweep(train, test, ranks=(1, 8), lookaheads=(False, True), epochs=15,
                                            lr=1e-2, batch_size=128, progress=False)
 
@@ -87,7 +87,7 @@ def test_sweep_errors():
     trace = low_rank_trace(n_seq=4)
     with pytest.raises(ValueError, match="at least one rank"):
         predictor_study.predictor_sweep(trace, trace, ranks=())
-    train, test = sl.predictors.split_sequences(trace, held_out=0.25)
+    train, test = sl.prediction.split_sequences(trace, held_out=0.25)
     with pytest.raises(ValueError, match="same trace"):
         predictor_study.predictor_sweep(train, train, ranks=(2,))
     with pytest.raises(ValueError, match="lookaheads"):
@@ -97,7 +97,7 @@ def test_sweep_errors():
 
 
 def test_sweep_at_several_densities():
-    train, test = sl.predictors.split_sequences(low_rank_trace(n_seq=12, layers=(1,)), held_out=0.25)
+    train, test = sl.prediction.split_sequences(low_rank_trace(n_seq=12, layers=(1,)), held_out=0.25)
     df = predictor_study.predictor_sweep(train, test, ranks=(4,), densities=(0.2, 0.6), epochs=5, progress=False)
     assert list(df.target_density) == [0.2, 0.6]
     # re-thresholded on the training score quantiles: held-out density near the target

@@ -11,17 +11,17 @@ import pytest
 import torch
 
 import sparselab as sl
-from sparselab.predictors import (
+from sparselab.masking.rules import Calibrated, TopK
+from sparselab.masking.thresholds import quantile_grid
+from sparselab.prediction import (
     Policy,
     PredictorFileError,
     PredictorModelMismatch,
     Predictors,
-    quantile_grid,
     resolve_rank,
     split_sequences,
     train_predictors,
 )
-from sparselab.rules import Calibrated, TopK
 
 H, N, TRUE_RANK = 16, 32, 4
 
@@ -199,7 +199,7 @@ def test_rank_as_fraction_and_bad_arguments(data):
     with pytest.raises(ValueError, match="at most one"):
         train_predictors(train, target_density=0.5, top_k=3)
     no_input = sl.Trace(layers=train.layers, arrays={"h": train.arrays["h"]},
-                        **{f: getattr(train, f) for f in sl.trace.TOKEN_FIELDS})
+                        **{f: getattr(train, f) for f in sl.recording.TOKEN_FIELDS})
     with pytest.raises(KeyError, match="mlp_in"):
         train_predictors(no_input)
 

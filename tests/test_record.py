@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import sparselab as sl
-from sparselab.record import Recorder, record
+from sparselab.recording import Recorder, record
 from sparselab.testing.tiny import tiny_llama
 
 N_LAYERS, HIDDEN, NEURONS, VOCAB = 3, 32, 48, 100

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import sparselab as sl
-from sparselab import residual
+from sparselab.studies import residual
 from sparselab.testing.tiny import tiny_llama
 
 H, N, LAYERS = 64, 96, 3

@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from sparselab import rules
-from sparselab.masks import Masks
-from sparselab.rules import Calibrated, GateThreshold, MassCoverage, Threshold, TopK
-from sparselab.trace import Trace
+from sparselab.masking import rules
+from sparselab.masking.masks import Masks
+from sparselab.masking.rules import Calibrated, GateThreshold, MassCoverage, Threshold, TopK
+from sparselab.recording import Trace
 
 # -- helpers ----------------------------------------------------------------------------
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import sparselab as sl
-from sparselab.sparse import AlreadySparsifiedError, SparseMLP, sparsify, static_from_trace
+from sparselab.prediction import static_from_trace
+from sparselab.recording import Trace
+from sparselab.runtime import AlreadySparsifiedError, SparseMLP, sparsify
 from sparselab.testing import tiny
-from sparselab.trace import Trace
 
 H, N, LAYERS, VOCAB = 64, 200, 3, 101  # N not a multiple of 64: exercises the tail word
 
@@ -55,6 +56,21 @@ class StandInPredictors:
 
     def union_mask(self, layer, x):
         return self.mask(layer, x).any(0)
+
+    # the rest of the MaskPredictor protocol
+    hidden_size, n_neurons, dtype = property(lambda s: s.A[s.layers[0]].shape[0]), \
+        property(lambda s: s.B[s.layers[0]].shape[1]), torch.float32
+
+    def low_rank_form(self, layer):
+        return None  # no bias, top-k of x @ A @ B: run in torch
+
+    def at_density(self, density):
+        out = StandInPredictors.__new__(StandInPredictors)
+        out.__dict__.update(self.__dict__, density=density)
+        return out
+
+    def describe(self):
+        return {"kind": "stand-in", "density": self.density}
 
 
 def silu64(v):
@@ -194,7 +210,8 @@ def test_decode_step_equals_dense_with_inactive_neurons_zeroed(mode, kwargs):
 def threshold_predictors(density=0.3, seed=2, lookahead=False):
     """Real ``Predictors`` with a density policy (thresholds from scores of random inputs):
     the decode step then takes the fused C selector instead of torch ops."""
-    from sparselab.predictors import Policy, Predictors, quantile_grid
+    from sparselab.masking.thresholds import quantile_grid
+    from sparselab.prediction import Policy, Predictors
 
     g = torch.Generator().manual_seed(seed)
     weights, calibration = {}, {}
@@ -481,7 +498,7 @@ def test_with_block_restores_after_an_exception():
             generate(model, n=2)
             raise KeyError("boom")
     assert_unchanged(model, snap)
-    assert not sl.sparse.is_sparsified(model)
+    assert not sl.runtime.is_sparsified(model)
     assert torch.equal(dense_logits(model), dense)
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparselab import rules, sweeps
-from sparselab.trace import Trace
+from sparselab.masking import rules, sweeps
+from sparselab.recording import Trace
 
 
 def _trace(dtype=torch.float16) -> Trace:

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 from safetensors import safe_open
 
-from sparselab.trace import FORMAT, Trace, TraceFileError
+from sparselab.recording.trace_file import FORMAT, Trace, TraceFileError
 
 
 def make_trace(seed: int = 0, n_tokens: int = 9, pieces: bool = True) -> Trace:

@@ -22,13 +22,15 @@ from libc.stdint cimport int64_t, uint8_t
 import numpy as np
 
 
-cdef Py_ssize_t _select(const float[:, ::1] first, const float[:, ::1] second,
-                        const float[::1] bias, const float[:, ::1] x, float[:, ::1] z,
-                        float threshold, uint8_t[::1] mask, int64_t[::1] idx,
-                        int n_threads) noexcept nogil:
+cdef void _pass(const float[:, ::1] first, const float[:, ::1] second,
+                const float[::1] bias, const float[:, ::1] x, float[:, ::1] z,
+                float threshold, uint8_t[::1] mask, float[:, ::1] scores,
+                bint keep_scores, int n_threads) noexcept nogil:
+    """Scores of every neuron for every row: each neuron's compared with ``threshold``
+    (``mask[j]``: above it in any row), or, with ``keep_scores``, written to ``scores``."""
     cdef Py_ssize_t n_rows = x.shape[0], hidden = x.shape[1]
     cdef Py_ssize_t rank = first.shape[0], n_neurons = second.shape[0]
-    cdef Py_ssize_t b, r, j, k, n = 0
+    cdef Py_ssize_t b, r, j, k
     cdef float acc
     cdef uint8_t hit
     # one parallel region (one fork/join per call): the rank-space projection split by
@@ -47,14 +49,12 @@ cdef Py_ssize_t _select(const float[:, ::1] first, const float[:, ::1] second,
                 acc = bias[j]
                 for r in range(rank):
                     acc = acc + second[j, r] * z[b, r]
-                if acc > threshold:
+                if keep_scores:
+                    scores[b, j] = acc
+                elif acc > threshold:
                     hit = 1
-            mask[j] = hit
-    for j in range(n_neurons):
-        if mask[j]:
-            idx[n] = j
-            n = n + 1
-    return n
+            if not keep_scores:
+                mask[j] = hit
 
 
 cdef class BoundSelector:
@@ -76,7 +76,7 @@ cdef class BoundSelector:
         self.first, self.second, self.bias = first, second, bias
 
     def select(self, const float[:, ::1] x, float threshold, int n_threads):
-        cdef Py_ssize_t n
+        cdef Py_ssize_t n, j
         z_arr = np.empty((x.shape[0], self.first.shape[0]), np.float32)
         mask = np.empty(self.second.shape[0], np.bool_)
         idx = np.empty(self.second.shape[0], np.int64)
@@ -84,5 +84,22 @@ cdef class BoundSelector:
         cdef uint8_t[::1] m = mask.view(np.uint8)
         cdef int64_t[::1] out = idx
         with nogil:
-            n = _select(self.first, self.second, self.bias, x, z, threshold, m, out, n_threads)
+            _pass(self.first, self.second, self.bias, x, z, threshold, m, z, False, n_threads)
+            n = 0
+            for j in range(m.shape[0]):
+                if m[j]:
+                    out[n] = j
+                    n = n + 1
         return idx[:n], mask
+
+    def scores(self, const float[:, ::1] x, int n_threads):
+        """float32 ``[B, N]`` scores (for a top-k policy, which needs them all)."""
+        z_arr = np.empty((x.shape[0], self.first.shape[0]), np.float32)
+        out_arr = np.empty((x.shape[0], self.second.shape[0]), np.float32)
+        no_mask = np.empty(0, np.uint8)
+        cdef float[:, ::1] z = z_arr
+        cdef float[:, ::1] out = out_arr
+        cdef uint8_t[::1] m = no_mask
+        with nogil:
+            _pass(self.first, self.second, self.bias, x, z, 0.0, m, out, True, n_threads)
+        return out_arr

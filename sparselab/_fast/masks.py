@@ -51,7 +51,7 @@ def unpack(words, n_neurons) -> np.ndarray:
     arr = word_array(words, "words", (1, 2, 3, 4))
     if arr.shape[-1] != n_words(n):
         raise ValueError(f"words has {arr.shape[-1]} words per mask; {n} neurons need "
-                         f"{n_words(n)}")
+                         f"{n_words(n)} (expected {n_words(n)})")
     flat = arr.reshape(math.prod(arr.shape[:-1]), arr.shape[-1])
     check_tail(flat, n, "words")
     out = np.empty((flat.shape[0], n), dtype=np.uint8)

@@ -1,0 +1,388 @@
+"""Benchmark suites from JSON configs: prepare a model and predictors, run dense and sparse
+variants alternately, analyse against the byte bound, write JSON / CSV / Markdown.
+
+    >>> from sparselab.evaluation import suite
+    >>> config = suite.load_config("experiments/configs/smollm2_135m.json")
+    >>> setup = suite.prepare(config, threads=1)
+    >>> result, runs = suite.measure(setup, num_runs=5)
+    >>> print(suite_report.report(result, runs))
+
+``experiments/run_benchmark.py`` is the command line around this module; notebook 10 uses
+it directly. A config names the model, the predictors, the MLP density, the prompt and the
+run sizes (see ``experiments/configs/*.json``):
+
+- ``model.kind = "embedded"``: the embedded SmolLM2-135M (``sl.load_model()``) with
+  predictors trained on a recording of the corpus' training split on first use and cached
+  under ``sparselab.models.cache_dir()/predictors/<hash of what they depend on>``;
+- ``model.kind = "random_llama"``: a ``LlamaForCausalLM`` of the given shapes with random
+  weights (nothing downloaded; decode speed does not depend on the values) and
+  :class:`sparselab.prediction.RandomLowRankPredictors` keeping a fixed share of neurons.
+
+Variants ``dense``, ``sparse_cache`` (predictor -> mask -> ``WeightCache`` -> kernel) and
+``sparse_direct`` (index-list kernel over the full weights, no cache) run alternately in
+one process (:func:`sparselab.evaluation.compare.compare`).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from sparselab._version import versions
+from sparselab.evaluation.byte_bound import DecodeBytes, decode_bytes, decode_bytes_from_config
+from sparselab.evaluation.compare import compare
+from sparselab.evaluation.memory import release_memory, rss_bytes
+from sparselab.evaluation.suite_report import machine_info
+from sparselab.evaluation.summaries import (
+    check_targets,
+    shortfall,
+    speedups,
+    split_table,
+    summarize,
+)
+from sparselab.masking.rules import rule_from_dict
+from sparselab.models import adapter_for, cache_dir, load_model, model_identity
+from sparselab.models.corpus import load_corpus, split
+from sparselab.models.random import build_random_llama
+from sparselab.prediction import (
+    PredictorFileError,
+    Predictors,
+    RandomLowRankPredictors,
+    train_predictors,
+)
+from sparselab.recording.recorder import record
+from sparselab.runtime.sparsify import sparsify
+
+__all__ = ["DEFAULTS", "VARIANTS", "Setup", "analyse", "build_random_llama", "check_config",
+           "load_config", "make_prompt", "measure", "prepare", "trained_predictors",
+           "variant_factories"]
+
+
+VARIANTS = ("dense", "sparse_cache", "sparse_direct")
+PREDICTOR_CACHE_VERSION = 1  # bump when the training recipe below changes
+
+DEFAULTS: dict[str, Any] = {
+    "density": 0.5,
+    "max_new_tokens": 32,
+    "warmup_runs": 2,
+    "num_runs": 10,
+    "threads": None,
+    "variants": list(VARIANTS),
+    "memory_interval_s": 0.002,
+    "prompt": {"kind": "corpus", "index": 0, "tokens": 64},
+}
+
+
+# --------------------------------------------------------------------------------------
+# config
+# --------------------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a benchmark config; missing top-level keys take :data:`DEFAULTS`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no benchmark config at {path} (see experiments/configs/)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    config = {**copy.deepcopy(DEFAULTS), **raw}
+    config.setdefault("name", path.stem)
+    check_config(config)
+    return config
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first thing wrong with ``config``."""
+    model = config.get("model") or {}
+    kind = model.get("kind")
+    if kind not in ("embedded", "random_llama"):
+        raise ValueError(f"model.kind must be 'embedded' or 'random_llama', got {kind!r}")
+    if kind == "random_llama" and not isinstance(model.get("llama_config"), dict):
+        raise ValueError("model.kind 'random_llama' needs a 'llama_config' dict of LlamaConfig fields")
+    pred = config.get("predictors") or {}
+    if pred.get("kind") not in ("trained", "random_low_rank"):
+        raise ValueError(f"predictors.kind must be 'trained' or 'random_low_rank', got {pred.get('kind')!r}")
+    if pred["kind"] == "trained" and kind != "embedded":
+        raise ValueError("trained predictors need a real model and text: use model.kind 'embedded'")
+    if "rank" not in pred:
+        raise ValueError("predictors.rank is required (an int, or a float fraction of the intermediate size)")
+    d = config["density"]
+    if not (isinstance(d, (int, float)) and 0.0 < d <= 1.0):
+        raise ValueError(f"density must be in (0, 1], got {d!r}")
+    prompt = config["prompt"]
+    if prompt.get("kind") not in ("corpus", "random"):
+        raise ValueError(f"prompt.kind must be 'corpus' or 'random', got {prompt.get('kind')!r}")
+    if prompt["kind"] == "corpus" and kind != "embedded":
+        raise ValueError("a corpus prompt needs a tokenizer: use prompt.kind 'random' with a random model")
+    if int(prompt.get("tokens", 0)) < 1:
+        raise ValueError(f"prompt.tokens must be >= 1, got {prompt.get('tokens')!r}")
+    for key, low in (("max_new_tokens", 2), ("num_runs", 1), ("warmup_runs", 0)):
+        if not isinstance(config[key], int) or config[key] < low:
+            raise ValueError(f"{key} must be an int >= {low}, got {config[key]!r}")
+    unknown = [v for v in config["variants"] if v not in VARIANTS]
+    if unknown or "dense" not in config["variants"]:
+        raise ValueError(f"variants must include 'dense' and come from {VARIANTS}, got {config['variants']}")
+
+
+# --------------------------------------------------------------------------------------
+# model, predictors, prompt
+# --------------------------------------------------------------------------------------
+
+
+def full_model_bytes(config: dict[str, Any], dtype: torch.dtype) -> DecodeBytes | None:
+    """Bytes per token of the full-depth model a random config stands in for, if given."""
+    spec = config["model"]
+    full = spec.get("llama_config", {}).get("full_num_hidden_layers")
+    if spec["kind"] != "random_llama" or not full:
+        return None
+    from transformers import LlamaConfig
+
+    fields = {k: v for k, v in spec["llama_config"].items() if k != "full_num_hidden_layers"}
+    return decode_bytes_from_config(LlamaConfig(**fields), dtype, num_hidden_layers=int(full))
+
+
+def predictor_cache_key(model, spec: dict[str, Any]) -> str:
+    """Hash of everything trained predictors depend on (model identity, recipe, corpus)."""
+    ident = model_identity(model)
+    payload = {"model": ident, "predictors": spec, "corpus": "pydoc", "held_out": 0.25,
+               "recipe": PREDICTOR_CACHE_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trained_predictors(model, tokenizer, spec: dict[str, Any], progress: bool = True,
+                       log: Callable[[str], None] = print):
+    """Predictors for ``model`` from the cache, trained (and cached) on first use.
+
+    Training: record ``train_texts`` passages of the corpus' training split (the held-out
+    part is what notebook 10 evaluates quality on), truncated to ``max_length`` tokens,
+    then ``sl.train_predictors`` with the spec's rule, rank, loss, epochs and seed.
+    Returns ``(predictors, info)``.
+    """
+
+    path = cache_dir() / "predictors" / predictor_cache_key(model, spec)
+    info: dict[str, Any] = {"cache_path": str(path), "trained_now": False}
+    if (path / "predictors.json").is_file():
+        try:
+            predictors = Predictors.load(path, model=model)
+            log(f"predictors loaded from {path}")
+            return predictors, info
+        except PredictorFileError as err:  # corrupted cache: train again
+            log(f"cached predictors unusable ({err}); training again")
+    t0 = time.perf_counter()
+    rule = rule_from_dict(spec.get("rule", {"name": "Calibrated", "density": 0.5}))
+    train_texts, _ = split(load_corpus(), held_out=0.25)
+    texts = train_texts[: int(spec.get("train_texts", 64))]
+    store = tuple(dict.fromkeys(("mlp_in", "h", rule.source)))
+    log(f"training predictors on {len(texts)} passages (first use; cached at {path})")
+    trace = record(model, tokenizer, texts, max_length=int(spec.get("max_length", 128)),
+                      store=store, progress=progress)
+    predictors = train_predictors(
+        trace, rule=rule, rank=spec["rank"], epochs=int(spec.get("epochs", 8)),
+        seed=int(spec.get("seed", 0)), loss=spec.get("loss", "mass"), progress=progress)
+    del trace
+    gc.collect()
+    predictors.save(path)
+    info.update(trained_now=True, train_seconds=time.perf_counter() - t0)
+    return Predictors.load(path, model=model), info
+
+
+def make_prompt(config: dict[str, Any], tokenizer, vocab_size: int) -> torch.Tensor:
+    """The fixed prompt ``[1, tokens]``: a held-out corpus passage, or seeded random ids."""
+    prompt = config["prompt"]
+    n = int(prompt["tokens"])
+    if prompt["kind"] == "random":
+        g = torch.Generator().manual_seed(int(prompt.get("seed", 0)))
+        return torch.randint(0, vocab_size, (1, n), generator=g)
+    _, held_out = split(load_corpus(), held_out=0.25)
+    ids = tokenizer(held_out[int(prompt.get("index", 0))], return_tensors="pt").input_ids[:, :n]
+    if ids.shape[1] < n:
+        raise ValueError(f"held-out passage {prompt.get('index', 0)} has only {ids.shape[1]} tokens; "
+                         f"prompt.tokens is {n}")
+    return ids
+
+
+@dataclass
+class Setup:
+    """Everything a benchmark run measures with (see :func:`prepare`)."""
+
+    config: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    predictors: Any  # at the config's density, ready for sl.sparsify
+    input_ids: torch.Tensor
+    budget: DecodeBytes
+    full_budget: DecodeBytes | None
+    rss_before_model: int
+    rss_model: int
+    predictor_info: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare(config: dict[str, Any], threads: int | None = None, progress: bool = True,
+            log: Callable[[str], None] = print) -> Setup:
+    """Build the model, its predictors and the prompt of ``config`` (threads set first)."""
+    check_config(config)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(int(threads))
+    gc.collect()
+    before = rss_bytes()
+    spec = config["model"]
+    if spec["kind"] == "embedded":
+        model, tokenizer = load_model()
+    else:
+        model, tokenizer = build_random_llama(spec), None
+    model.eval()
+    input_ids = make_prompt(config, tokenizer, model.config.vocab_size)
+    with torch.no_grad():  # fault in lazily mapped weight pages: RSS then shows the model
+        model(input_ids=input_ids[:, :1], use_cache=False)
+    release_memory()
+    rss_model = rss_bytes() - before
+    dtype = next(model.parameters()).dtype
+    adapter = adapter_for(model)
+    pspec = config["predictors"]
+    density = float(config["density"])
+    if pspec["kind"] == "trained":
+        predictors, pinfo = trained_predictors(model, tokenizer, pspec, progress, log)
+        predictors = predictors.with_policy(target_density=density)
+        pinfo.update(kind="trained", rank=predictors.ranks[predictors.layers[0]],
+                     rule=predictors.rule.describe(), policy=predictors.policy.describe(),
+                     bytes=predictors.bytes, layers=len(predictors.layers))
+    else:
+        predictors = RandomLowRankPredictors(
+            hidden=model.config.hidden_size, n_neurons=adapter.n_neurons,
+            layers=range(adapter.n_layers), rank=pspec["rank"], density=density,
+            seed=int(pspec.get("seed", 0)), dtype=dtype)
+        pinfo = predictors.describe()
+    release_memory()
+    return Setup(config=config, model=model, tokenizer=tokenizer, predictors=predictors,
+                 input_ids=input_ids, budget=decode_bytes(model),
+                 full_budget=full_model_bytes(config, dtype), rss_before_model=before,
+                 rss_model=rss_model, predictor_info=pinfo)
+
+
+# --------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------
+
+
+def variant_factories(setup: Setup) -> dict[str, Callable | None]:
+    """Name -> None (dense) or a factory that sparsifies the model (undone by ``restore``)."""
+    model, p = setup.model, setup.predictors
+
+    def sparse(use_cache: bool):
+        return lambda: sparsify(model, p, mode="predicted", use_cache=use_cache, kernel="fast")
+
+    all_ = {"dense": None, "sparse_cache": sparse(True), "sparse_direct": sparse(False)}
+    return {name: all_[name] for name in setup.config["variants"]}
+
+
+def _nested(summary: pd.DataFrame) -> dict[str, dict[str, dict[str, float]]]:
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for (variant, metric), row in summary.iterrows():
+        out.setdefault(variant, {})[metric] = {k: float(v) for k, v in row.items()}
+    return out
+
+
+def analyse(setup: Setup, runs: pd.DataFrame) -> dict[str, Any]:
+    """Summaries, speedups against the byte bound, targets and the time split of ``runs``."""
+    config, budget = setup.config, setup.budget
+    density = float(config["density"])
+    pbytes = int(setup.predictors.bytes)
+    bound = budget.bound(density)
+    bound_p = budget.bound(density, pbytes)
+    sp = speedups(runs)
+    cached = [v for v in config["variants"] if v == "sparse_cache"]
+    targets = check_targets(runs, budget, density, pbytes, cached=cached, resident_bytes=pbytes)
+    speedup = {}
+    for variant, row in sp.iterrows():
+        d = {k: float(v) for k, v in row.items()}
+        d["ratio_to_bound"] = d["decode_speedup"] / bound
+        d["ratio_to_bound_with_predictor"] = d["decode_speedup"] / bound_p
+        speedup[variant] = d
+    out_ids = runs.attrs.get("outputs", {})
+    agree = {}
+    if "dense" in out_ids:
+        n = setup.input_ids.shape[1]
+        dense_new = out_ids["dense"][:, n:]
+        for v, ids in out_ids.items():
+            agree[v] = float((ids[:, n:] == dense_new).double().mean())
+    bound_info: dict[str, Any] = {
+        "density": density, "f": budget.f, "bound": bound, "bound_with_predictor": bound_p,
+        "predictor_bytes": pbytes, "predictor_share": pbytes / budget.total,
+    }
+    if setup.full_budget is not None:
+        full = setup.full_budget
+        per_layer = pbytes / max(budget.n_layers, 1)
+        bound_info["full_model"] = {
+            "n_layers": full.n_layers, "f": full.f, "bound": full.bound(density),
+            "bound_with_predictor": full.bound(density, int(per_layer * full.n_layers)),
+        }
+    split = split_table(runs)
+    gap = shortfall(runs, budget, density, pbytes)
+    return {
+        "bytes": budget.describe(),
+        "bytes_full_model": setup.full_budget.describe() if setup.full_budget else None,
+        "bound": bound_info,
+        "summary": _nested(summarize(runs)),
+        "speedup": speedup,
+        "split_ms": {v: {k: float(x) for k, x in row.items()} for v, row in split.iterrows()},
+        "targets": targets.to_dict(orient="records"),
+        "shortfall_ms": {v: {c: {k: float(x) for k, x in row.items()} for c, row in part.droplevel(0).iterrows()}
+                         for v, part in gap.groupby(level=0)},
+        "greedy_agreement_with_dense": agree,
+        "memory": {
+            "rss_before_model": setup.rss_before_model,
+            "rss_model_at_rest": setup.rss_model,
+            "dense_rss_at_rest": float(runs.loc[~runs.warmup & (runs.variant == "dense"), "rss_at_rest"].median()),
+            "extra_bytes": {v: float(x) for v, x in runs[~runs.warmup].groupby("variant").extra_bytes.median().items()},
+            "active_rows_bytes": {v: float(x) for v, x in runs[~runs.warmup].groupby("variant").active_rows_bytes.median().items()},
+            "predictor_bytes_resident_in_all_runs": pbytes,
+        },
+    }
+
+
+def measure(setup: Setup, num_runs: int | None = None, warmup_runs: int | None = None,
+            max_new_tokens: int | None = None, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Run the alternating comparison; returns (JSON-able result, runs frame)."""
+    config = copy.deepcopy(setup.config)
+    for key, value in (("num_runs", num_runs), ("warmup_runs", warmup_runs),
+                       ("max_new_tokens", max_new_tokens)):
+        if value is not None:
+            config[key] = value
+    check_config(config)
+    started = time.time()
+    machine = machine_info()
+    runs = compare(
+        setup.model, setup.input_ids, variant_factories(setup), num_runs=config["num_runs"],
+        warmup_runs=config["warmup_runs"], max_new_tokens=config["max_new_tokens"],
+        memory_interval=float(config["memory_interval_s"]), progress=progress, log=log)
+    result = {
+        "name": config["name"],
+        "config": config,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "wall_time_s": time.time() - started,
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": machine,
+        "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "model": model_identity(setup.model),
+        "predictors": setup.predictor_info,
+        "prompt": {"n_tokens": int(setup.input_ids.shape[1]), **config["prompt"]},
+        **analyse(setup, runs),
+    }
+    return result, runs

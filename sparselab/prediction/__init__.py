@@ -1,0 +1,46 @@
+"""Prediction: guess, from the hidden state, which MLP neurons each token needs.
+
+    >>> predictors = sl.train_predictors(train_trace, rank=64)
+    >>> predictors.evaluate(test_trace)[["layer", "recall", "mass_kept"]]
+    >>> isinstance(predictors, sl.prediction.MaskPredictor)
+    True
+
+Modules: :mod:`.protocol` (``MaskPredictor``: what the runtime needs from any predictor),
+:mod:`.lowrank` (``Predictors``, trained low-rank), :mod:`.training`, :mod:`.policy`
+(how scores become masks), :mod:`.scoring` (recall, F1, mass and energy kept),
+:mod:`.files` (save / load), :mod:`.identity` (which model they belong to),
+:mod:`.static` (fixed neuron sets), :mod:`.random` (random predictors for speed runs).
+A new predictor form needs no base class: implement :class:`MaskPredictor`.
+"""
+
+from sparselab.prediction.files import PredictorFileError, load_predictors, save_predictors
+from sparselab.prediction.identity import PredictorModelMismatch
+from sparselab.prediction.lowrank import Predictors, low_rank_scores
+from sparselab.prediction.policy import Policy
+from sparselab.prediction.protocol import LowRankForm, MaskPredictor
+from sparselab.prediction.random import RandomLowRankPredictors
+from sparselab.prediction.static import static_from_trace
+from sparselab.prediction.training import (
+    fit_low_rank,
+    resolve_rank,
+    split_sequences,
+    train_predictors,
+)
+
+__all__ = [
+    "LowRankForm",
+    "MaskPredictor",
+    "Policy",
+    "PredictorFileError",
+    "PredictorModelMismatch",
+    "Predictors",
+    "RandomLowRankPredictors",
+    "fit_low_rank",
+    "load_predictors",
+    "low_rank_scores",
+    "resolve_rank",
+    "save_predictors",
+    "split_sequences",
+    "static_from_trace",
+    "train_predictors",
+]

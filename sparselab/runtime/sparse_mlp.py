@@ -1,0 +1,380 @@
+"""The sparse MLP: a stand-in for one decoder layer's gated MLP that computes only the
+neurons of a chosen set (see :mod:`sparselab.runtime` for the modes).
+
+    >>> wrapper = model.model.layers[3].mlp             # while sparsified
+    >>> wrapper.last_mask.sum(), wrapper.cache          # the last set, the weight cache
+
+Children are the original projections (same objects, same names), so parameters and
+``state_dict`` keys are those of the dense model; the original module is kept
+unregistered in ``original`` for :meth:`~sparselab.runtime.handle.SparseHandle.restore`.
+All wrappers of one sparsified model share a :class:`RunState` (mode, predictors,
+options, step counter, the stats records).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparselab.masking.rules import Rule
+from sparselab.models import LayerMLP
+from sparselab.runtime.stats import StepStats, StepTimes
+
+__all__ = ["RunState", "SparseMLP"]
+
+
+def _no_clock() -> int:
+    return 0
+
+
+@dataclass
+class RunState:
+    """What every wrapper of one sparsified model shares."""
+
+    mode: str
+    activation: str
+    predictors: Any  # a sparselab.prediction.MaskPredictor in predicted mode
+    rule: Rule | None
+    prefill: str
+    use_cache: bool
+    union: bool
+    kernel: str
+    record_stats: bool
+    step: int = -1
+    valid: torch.Tensor | None = None  # bool [B, S] of the current call (attention mask)
+    records: list[StepStats] = field(default_factory=list)
+
+    @property
+    def clock(self) -> Callable[[], int]:
+        return time.perf_counter_ns if self.record_stats else _no_clock
+
+
+def model_pre_hook(state: RunState):
+    """A hook on the whole model: counts forward calls and keeps the attention mask."""
+    def hook(module, args, kwargs):
+        state.step += 1
+        attn = kwargs.get("attention_mask")
+        state.valid = attn.to(torch.bool) if isinstance(attn, torch.Tensor) and attn.dim() == 2 else None
+
+    return hook
+
+
+def _n_rows(x: torch.Tensor) -> int:
+    return int(np.prod(x.shape[:-1]))
+
+
+def _fused_selector(state: RunState, layer: int):
+    """``(_fast.LowRankSelector, LowRankForm)`` when the layer's predictor has a float32
+    low-rank form (:meth:`~sparselab.prediction.MaskPredictor.low_rank_form`), else
+    ``(None, None)``: other forms keep their own ``mask`` in torch."""
+    from sparselab import _fast
+
+    if state.mode != "predicted":
+        return None, None
+    form = state.predictors.low_rank_form(layer)
+    if form is None or form.first.dtype != torch.float32:
+        return None, None
+    return _fast.LowRankSelector(form.first, form.second, form.bias), form
+
+
+class SparseMLP(nn.Module):
+    """Stand-in for one decoder layer's gated MLP (see module docstring)."""
+
+    is_sparselab_wrapper = True  # the model adapter does not re-verify a wrapper's formula
+
+    def __init__(self, spec: LayerMLP, state: RunState, act_fn, *,
+                 down_t: torch.Tensor | None = None, static_idx: torch.Tensor | None = None) -> None:
+        super().__init__()
+        original = spec.mlp
+        object.__setattr__(self, "original", original)  # not a child: no duplicate params
+        for name in spec.projections:  # registered under their own names: same state_dict
+            setattr(self, name, getattr(original, name))
+        # unregistered handles by role, whatever the architecture calls them
+        object.__setattr__(self, "_gate_mod", spec.gate_proj)
+        object.__setattr__(self, "_up_mod", spec.up_proj)
+        object.__setattr__(self, "_down_mod", spec.down_proj)
+        self.fused = spec.fused_gate_up
+        self.layer_index = spec.index
+        self.n_neurons = spec.n_neurons
+        self.rt = state
+        self._act_fn = act_fn
+        self._weights = spec.gate_up_weights() if down_t is not None else None
+        self.down_t = down_t
+        self.static_idx = static_idx
+        self.cache = None
+        self._indexed = None  # by-index kernel with the weights checked once
+        if down_t is not None and state.kernel == "fast":
+            from sparselab import _fast
+
+            gate_w, up_w = self._weights
+            if state.mode == "predicted" and state.use_cache:
+                self.cache = _fast.WeightCache(gate_w, up_w, down_t=down_t)
+            else:
+                self._indexed = _fast.IndexedMLP(gate_w, up_w, down_t, state.activation)
+        # decode-step selection fused in C (scores, selection, union) where it applies
+        self._selector, self._form = (
+            _fused_selector(state, spec.index) if self._weights is not None and state.kernel == "fast"
+            else (None, None))
+        self.lookahead_input: torch.Tensor | None = None
+        self._prev = np.zeros(self.n_neurons, dtype=bool)  # last mask (numpy), for churn
+        self.static_mask = None
+        if static_idx is not None:
+            self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
+            self.static_mask[static_idx] = True
+
+    @property
+    def last_mask(self) -> torch.Tensor:
+        """Bool ``[n_neurons]``: the neuron set of the last call that chose one (all False
+        before the first). After a decode step this is the set the step computed with
+        (the union over the batch, or the last row's set with ``union=False``). Kept only
+        while statistics are recorded (``record_stats=True``, the default)."""
+        return torch.from_numpy(self._prev)
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_index}, mode={self.rt.mode!r}, kernel={self.rt.kernel!r}"
+
+    # -- dense pieces (the model's own modules, so density 1.0 is bit-identical) ---------
+    def _dense_h(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h = act(gate) * up, act(gate)) computed with the model's own projections."""
+        if self.fused:
+            gate, up = self._gate_mod(x).chunk(2, dim=-1)
+        else:
+            gate, up = self._gate_mod(x), self._up_mod(x)
+        a = self._act_fn(gate)
+        return a * up, a
+
+    def _rule_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h [T, N], true mask [T, N]) of the oracle rule."""
+        h, a = self._dense_h(x)
+        values = a if self.rt.rule.source == "gate" else h
+        return h, self.rt.rule.mask(values, self.layer_index)
+
+    def _predictor_input(self, x2: torch.Tensor) -> torch.Tensor:
+        """What the predictor reads: the MLP input rows, or the input norm's output."""
+        if not self.rt.predictors.lookahead:
+            return x2
+        if self.lookahead_input is None:
+            raise RuntimeError(
+                f"layer {self.layer_index}: lookahead predictors need the input norm's "
+                "output, but the hook did not see it (was the MLP called on its own?)"
+            )
+        return self.lookahead_input.reshape(-1, self.lookahead_input.shape[-1])
+
+    def _predict(self, x2: torch.Tensor, flat_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted bool mask [T, N] for the rows of ``x2`` (the MLP input, [T, H])."""
+        px = self._predictor_input(x2)
+        if flat_positions is not None:
+            px = px.index_select(0, flat_positions)
+        px = px.to(self.rt.predictors.dtype)
+        return self.rt.predictors.mask(self.layer_index, px).to(torch.bool)
+
+    # -- sparse compute over one shared neuron set ---------------------------------------
+    def _run_set(self, x2: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor | None):
+        """MLP of rows ``x2`` over one neuron set: (y, cache stats or None, t_cache, t_mlp)."""
+        rt, clock = self.rt, self.rt.clock
+        if rt.mode == "oracle":
+            raise AssertionError("oracle mode never runs the sparse kernels")
+        if self.cache is not None:
+            t0 = clock()
+            stats = self.cache.update(mask.numpy())
+            t1 = clock()
+            y = self.cache.forward(x2, rt.activation)
+            return y, stats, t1 - t0, clock() - t1
+        if idx is None:
+            idx = torch.from_numpy(np.flatnonzero(mask.numpy()))
+        t0 = clock()
+        if self._indexed is not None:
+            y = self._indexed(x2, idx.numpy())
+        else:
+            gate_w, up_w = self._weights
+            g = gate_w.index_select(0, idx)
+            u = up_w.index_select(0, idx)
+            d = self.down_t.index_select(0, idx)
+            y = (self._act_fn(x2 @ g.T) * (x2 @ u.T)) @ d
+        return y, None, 0, clock() - t0
+
+    # -- statistics ----------------------------------------------------------------------
+    def _record(self, phase: str, n_tokens: int, mask: torch.Tensor | np.ndarray | None,
+                times: StepTimes, cache_stats=None, active: float | None = None,
+                row: int = -1) -> None:
+        """Append one :class:`StepStats`; ``active=None`` counts the neurons of ``mask``."""
+        if not self.rt.record_stats:
+            return
+        now = None if mask is None else (mask if isinstance(mask, np.ndarray) else mask.numpy())
+        if active is None:
+            active = int(np.count_nonzero(now))
+        if cache_stats is not None:
+            added, removed = cache_stats.added, cache_stats.removed
+            rows, nbytes = cache_stats.rows_copied, cache_stats.bytes_moved
+        else:
+            added = removed = rows = nbytes = 0
+            if now is not None:
+                # numpy on the shared buffers: a few us, where four torch ops cost ~25
+                changed = now != self._prev
+                added = int(np.count_nonzero(changed & now))
+                removed = int(np.count_nonzero(changed)) - added
+            if self.rt.kernel == "torch" and self.rt.mode != "oracle" and mask is not None:
+                # the torch path gathers the active rows of gate, up and down on every call
+                rows = int(active)
+                nbytes = rows * 3 * self._down_mod.out_features * self._down_mod.weight.element_size()
+        if now is not None:
+            self.__dict__["_prev"] = now  # plain attribute: nn.Module.__setattr__ is slow
+        self.rt.records.append(StepStats(
+            self.rt.step, self.layer_index, phase, row, n_tokens, float(active),
+            float(active) / self.n_neurons, added, removed, rows, nbytes,
+            times.predictor, times.mask, times.cache, times.mlp,
+        ))
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decode = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
+        try:
+            if decode:
+                return self._decode(x)
+            if self.rt.prefill == "dense":
+                return self._prefill_dense(x)
+            if self.rt.prefill == "per_token":
+                return self._prefill_per_token(x)
+            return self._prefill_union(x)
+        finally:
+            if self.lookahead_input is not None:  # nn.Module.__setattr__ costs us per call
+                self.lookahead_input = None
+
+    def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
+        clock = self.rt.clock
+        t0 = clock()
+        y = self.original(x)
+        self._record("prefill", _n_rows(x), None, StepTimes(mlp=clock() - t0), active=self.n_neurons)
+        return y
+
+    def _prefill_per_token(self, x: torch.Tensor) -> torch.Tensor:
+        rt, clock = self.rt, self.rt.clock
+        t0 = clock()
+        t_pred = 0
+        if rt.mode == "oracle":
+            h, m = self._rule_mask(x)
+        else:
+            h, _ = self._dense_h(x)
+            if rt.mode == "static":
+                m = self.static_mask.expand_as(h)
+            else:
+                m = self._predict(x.reshape(-1, x.shape[-1])).reshape(h.shape)
+                t_pred = clock() - t0
+        t1 = clock()
+        y = self._down_mod(h * m)
+        active = float(m.reshape(-1, self.n_neurons).sum(1).double().mean())
+        self._record("prefill", _n_rows(x), None,
+                     StepTimes(predictor=t_pred, mask=t1 - t0 - t_pred, mlp=clock() - t1),
+                     active=active)
+        return y
+
+    def _valid_positions(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the attended (non-pad) tokens of ``x`` [B, S, H], if known."""
+        valid = self.rt.valid
+        if valid is None or x.dim() != 3 or valid.shape[0] != x.shape[0] or valid.shape[1] < x.shape[1]:
+            return None
+        return torch.nonzero(valid[:, -x.shape[1]:].reshape(-1)).squeeze(1)
+
+    def _prefill_union(self, x: torch.Tensor) -> torch.Tensor:
+        rt, clock = self.rt, self.rt.clock
+        x2 = x.reshape(-1, x.shape[-1])
+        pos = self._valid_positions(x)
+        t0 = clock()
+        t_pred = 0
+        if rt.mode == "static":
+            u = self.static_mask
+        elif rt.mode == "oracle":
+            h, m = self._rule_mask(x2)
+            u = (m if pos is None else m.index_select(0, pos)).any(0)
+        else:
+            m = self._predict(x2, pos)
+            t_pred = clock() - t0
+            u = m.any(0)
+        t1 = clock()
+        if rt.mode == "oracle":
+            y = self._down_mod(h * u).reshape(x.shape)
+            self._record("prefill", x2.shape[0], u, StepTimes(mask=t1 - t0, mlp=clock() - t1))
+            return y
+        idx = self.static_idx if rt.mode == "static" else None
+        y, cst, t_cache, t_mlp = self._run_set(x2, u, idx)
+        self._record("prefill", x2.shape[0], u,
+                     StepTimes(predictor=t_pred, mask=t1 - t0 - t_pred, cache=t_cache, mlp=t_mlp), cst)
+        return y.reshape(x.shape)
+
+    def _decode(self, x: torch.Tensor) -> torch.Tensor:
+        rt, clock = self.rt, self.rt.clock
+        x2 = x.reshape(-1, x.shape[-1])
+        if rt.mode == "static":
+            y, cst, t_cache, t_mlp = self._run_set(x2, self.static_mask, self.static_idx)
+            self._record("decode", x2.shape[0], self.static_mask, StepTimes(cache=t_cache, mlp=t_mlp),
+                         cst, active=len(self.static_idx))
+            return y.reshape(x.shape)
+        t0 = clock()
+        if rt.mode == "oracle":
+            h, m = self._rule_mask(x2)
+            t1 = clock()
+            if rt.union:
+                u = m.any(0)
+                y = self._down_mod(h * u)
+                self._record("decode", x2.shape[0], u, StepTimes(mask=t1 - t0, mlp=clock() - t1))
+            else:
+                y = self._down_mod(h * m)
+                times = StepTimes(mask=t1 - t0, mlp=clock() - t1)
+                for r in range(x2.shape[0]):
+                    self._record("decode", 1, m[r], times, row=r)
+            return y.reshape(x.shape)
+        if self._selector is not None and (rt.union or x2.shape[0] == 1):
+            return self._decode_selected(x, x2)
+        m = self._predict(x2)
+        t1 = clock()
+        if rt.union:
+            u = m.any(0)
+            t2 = clock()
+            y, cst, t_cache, t_mlp = self._run_set(x2, u, None)
+            self._record("decode", x2.shape[0], u,
+                         StepTimes(predictor=t1 - t0, mask=t2 - t1, cache=t_cache, mlp=t_mlp), cst)
+            return y.reshape(x.shape)
+        rows = []
+        for r in range(x2.shape[0]):
+            y_r, cst, t_cache, t_mlp = self._run_set(x2[r : r + 1], m[r], None)
+            rows.append(y_r)
+            self._record("decode", 1, m[r],
+                         StepTimes(predictor=t1 - t0 if r == 0 else 0, cache=t_cache, mlp=t_mlp),
+                         cst, row=r)
+        return torch.cat(rows).reshape(x.shape)
+
+    def _decode_selected(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """Predicted decode step with the fused selector: the same neuron set as
+        ``_predict(x2).any(0)`` (up to float rounding at the threshold), in one C call."""
+        clock = self.rt.clock
+        t0 = clock()
+        # rows as float32 numpy once (no copy for a float32 model); the selector and the
+        # kernel then skip their argument checks: the shapes are the model's own
+        x32 = x2.detach().to(torch.float32).contiguous().numpy()
+        px = self._predictor_input(x2)
+        px32 = x32 if px is x2 else px.detach().to(torch.float32).contiguous().numpy()
+        form = self._form
+        if form.top_k is None:
+            idx, mask = self._selector.select_unchecked(px32, form.threshold)
+        else:
+            idx, mask = self._selector.top_k_unchecked(px32, form.top_k)
+        t1 = clock()
+        if self.cache is not None:
+            stats = self.cache.update(mask)
+            t2 = clock()
+            y = self.cache.forward(x2, self.rt.activation)
+        else:
+            stats, t2 = None, t1
+            y = self._indexed.run_unchecked(x32, idx)
+            if y.dtype != x.dtype:
+                y = y.to(x.dtype)
+        self._record("decode", x2.shape[0], mask,
+                     StepTimes(predictor=t1 - t0, cache=t2 - t1, mlp=clock() - t2), stats,
+                     active=len(idx))
+        return y.reshape(x.shape)

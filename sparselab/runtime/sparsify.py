@@ -1,0 +1,290 @@
+"""Run a model sparsely: swap each gated MLP for a wrapper that computes only active neurons.
+
+    >>> with sl.sparsify(model, predictors, mode="predicted") as handle:
+    ...     out = model.generate(**batch, max_new_tokens=32)
+    >>> handle.stats().groupby("layer").active.mean()       # model is dense again here
+
+Modes:
+
+- ``"predicted"``: predictor(x) -> mask per row -> union over the batch (OR) ->
+  ``_fast.WeightCache.update`` (paired replacement, cost ~ churn) -> sparse MLP over the
+  cache's rows. ``use_cache=False`` runs the direct kernel over the index list instead;
+  ``union=False`` gives every batch row its own mask.
+- ``"oracle"``: dense compute, then the rule's true mask applied to ``h = act(gate)*up``
+  before ``down``: the best quality any predictor with that rule could reach.
+- ``"static"``: one fixed neuron set per layer (e.g. the most frequent ones,
+  :func:`~sparselab.prediction.static_from_trace`), run with the direct kernel.
+
+Decode steps (one new token per row) run sparse. Prefill (several tokens per row) is dense
+by default; ``prefill="union"`` computes all prefill tokens with one union mask,
+``prefill="per_token"`` applies each token's own mask in torch (what teacher-forced
+quality evaluation needs). The wrapper keeps the original ``gate_proj``/``up_proj``/
+``down_proj`` as its children, so ``state_dict()`` keys are unchanged and no weight is
+duplicated: the kernels need ``down`` transposed (``[I, H]`` row-major); it is rewritten in
+that layout *in its own memory* and ``down_proj.weight`` becomes a transposed view of it;
+``restore()`` rewrites the original layout in place, bit for bit. Convert the model's dtype
+or device before sparsifying, not while sparsified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparselab._checks import check_choice, check_fraction
+from sparselab.masking.rules import Rule, TopK
+from sparselab.models import ModelAdapter, activation_module, adapter_for
+from sparselab.prediction.protocol import MaskPredictor
+from sparselab.prediction.static import static_from_trace
+from sparselab.runtime.handle import SparseHandle
+from sparselab.runtime.layout import transpose_in_place, untranspose_in_place
+from sparselab.runtime.sparse_mlp import RunState, SparseMLP, model_pre_hook
+
+__all__ = ["KERNELS", "PREFILLS", "SPARSIFY_MODES", "AlreadySparsifiedError", "is_sparsified", "sparsify"]
+
+SPARSIFY_MODES = ("predicted", "oracle", "static")
+KERNELS = ("fast", "torch")
+PREFILLS = ("dense", "union", "per_token")
+
+
+class AlreadySparsifiedError(RuntimeError):
+    """Raised by :func:`sparsify` on a model whose MLPs are already wrapped."""
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    """Whether any decoder layer of ``model`` currently runs a :class:`SparseMLP`."""
+    return any(isinstance(m, SparseMLP) for m in model.modules())
+
+
+_PROTOCOL_MEMBERS = ("layers", "lookahead", "hidden_size", "n_neurons", "bytes", "dtype", "mask",
+                     "low_rank_form", "at_density", "describe")
+
+
+def _check_predictors_protocol(predictors) -> None:
+    if not isinstance(predictors, MaskPredictor):
+        lacking = [name for name in _PROTOCOL_MEMBERS if not hasattr(predictors, name)]
+        raise ValueError(f"predictors lack {', '.join('.' + n for n in lacking)}: expected a "
+                         f"sl.Predictors or any sparselab.prediction.MaskPredictor "
+                         f"(got {type(predictors).__name__})")
+
+
+def _check_predictors(predictors, adapter: ModelAdapter, layers: tuple[int, ...]) -> None:
+    missing = sorted(set(layers) - {int(i) for i in predictors.layers})
+    if missing:
+        raise ValueError(f"predictors have no predictor for layers {missing} "
+                         f"(they cover {sorted(predictors.layers)}); pass layers=")
+    hidden = adapter.layers[0].down_proj.out_features
+    n = adapter.n_neurons
+    probe = torch.zeros(2, hidden, dtype=predictors.dtype)
+    layer = layers[0]
+    try:
+        out = predictors.mask(layer, probe)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"predictors do not fit this model (hidden size {hidden}, "
+                         f"{n} neurons): {err}") from err
+    if tuple(out.shape) != (2, n):
+        raise ValueError(f"predictors were made for another model shape: layer {layer} "
+                         f"predicts {tuple(out.shape)[-1]} neurons, the model has {n}")
+
+
+def _check_static(static: Mapping, adapter: ModelAdapter, layers: tuple[int, ...]) -> dict[int, torch.Tensor]:
+    missing = sorted(set(layers) - {int(k) for k in static})
+    if missing:
+        raise ValueError(f"static_neurons has no neuron set for layers {missing}")
+    n = adapter.n_neurons
+    out = {}
+    for layer in layers:
+        idx = torch.as_tensor(np.asarray(static[layer] if layer in static else static[str(layer)]))
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(f"static_neurons[{layer}] must be a 1-D integer index array")
+        idx = idx.to(torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"static_neurons[{layer}] has indices outside [0, {n})")
+        if idx.unique().numel() != idx.numel():
+            raise ValueError(f"static_neurons[{layer}] has duplicate indices")
+        out[layer] = idx.sort().values
+    return out
+
+
+def sparsify(
+    model: nn.Module,
+    predictors=None,
+    mode: str = "predicted",
+    rule: Rule | None = None,
+    density: float | None = None,
+    static_neurons: Mapping[int, Any] | None = None,
+    layers: Iterable[int] | None = None,
+    prefill: str = "dense",
+    use_cache: bool = True,
+    union: bool = True,
+    kernel: str = "fast",
+    record_stats: bool = True,
+) -> SparseHandle:
+    """Swap the gated MLPs of ``model`` for sparse ones, in place; returns a handle.
+
+        >>> handle = sl.sparsify(model, predictors, mode="predicted")
+        >>> model.generate(**batch, max_new_tokens=32); handle.stats()
+        >>> handle.restore()                                 # or use it as `with ... as h:`
+
+    - ``mode``: ``"predicted"`` (needs ``predictors``, any
+      :class:`~sparselab.prediction.MaskPredictor`; ``density`` re-thresholds them with
+      their ``at_density``), ``"oracle"`` (``rule``, or ``density`` for
+      ``TopK(density)``), ``"static"`` (``static_neurons`` {layer: indices}, or a Trace
+      from which :func:`static_from_trace` takes the ``density`` most frequent neurons
+      under ``rule``).
+    - ``layers``: model layer numbers to sparsify (default: all, or those the predictors
+      or static sets cover); the others stay dense.
+    - ``prefill``: ``"dense"``, ``"union"`` (one mask over all prompt tokens), or
+      ``"per_token"`` (each token's own mask, applied in torch).
+    - ``use_cache=False``: direct gather kernel instead of the weight cache;
+      ``union=False``: per-row masks instead of one union per batch (oracle mode too).
+    - ``kernel``: ``"fast"`` (sparselab._fast) or ``"torch"`` (index_select + matmul).
+
+    Every argument is checked before the model is touched: a ``ValueError`` names the
+    problem and leaves the model unchanged.
+    """
+    # ---- validation (no state changes) -------------------------------------------------
+    check_choice("mode", mode, SPARSIFY_MODES)
+    check_choice("kernel", kernel, KERNELS)
+    check_choice("prefill", prefill, PREFILLS)
+    if density is not None:
+        density = check_fraction("density", density)
+    if rule is not None and not isinstance(rule, Rule):
+        raise ValueError(f"rule must be a sparselab.rules rule, got {type(rule).__name__}")
+    adapter = adapter_for(model)
+    if is_sparsified(model):
+        raise AlreadySparsifiedError(
+            "this model is already sparsified: call .restore() on its handle (or leave its "
+            "`with` block) before sparsifying it again"
+        )
+    n_layers = adapter.n_layers
+    requested = None if layers is None else tuple(int(i) for i in layers)
+    if requested is not None:
+        bad = [i for i in requested if not 0 <= i < n_layers]
+        if bad or len(set(requested)) != len(requested):
+            raise ValueError(f"layers must be distinct numbers in [0, {n_layers}), got {list(requested)}")
+    weight = adapter.layers[0].down_proj.weight
+    dtype = weight.dtype
+
+    static_idx: dict[int, torch.Tensor] = {}
+    if mode == "predicted":
+        if predictors is None:
+            raise ValueError('mode="predicted" needs predictors (sl.train_predictors(...)); '
+                             'use mode="oracle" or "static" without them')
+        _check_predictors_protocol(predictors)
+        predictors = predictors if density is None else predictors.at_density(density)
+        chosen = requested if requested is not None else tuple(
+            int(i) for i in predictors.layers if 0 <= int(i) < n_layers)
+        if not chosen:
+            raise ValueError(f"predictors cover layers {list(predictors.layers)}, none of "
+                             f"which exists in this {n_layers}-layer model")
+        _check_predictors(predictors, adapter, chosen)
+    elif mode == "oracle":
+        if rule is None and density is None:
+            raise ValueError('mode="oracle" needs a rule (e.g. sl.rules.TopK(0.5)) or a density')
+        rule = TopK(keep=density) if rule is None else rule
+        if not rule.fitted:
+            raise ValueError(f"rule {rule.label} is not fitted: call rule.fit(trace) first")
+        chosen = requested if requested is not None else tuple(range(n_layers))
+        thresholds = getattr(rule, "thresholds", None)
+        if thresholds:
+            missing = sorted(set(chosen) - set(thresholds))
+            if missing:
+                raise ValueError(f"rule {type(rule).__name__} has no threshold for layers {missing}")
+    else:
+        if static_neurons is None:
+            raise ValueError('mode="static" needs static_neurons: {layer: indices} or a Trace '
+                             "(see sl.prediction.static_from_trace)")
+        if not isinstance(static_neurons, Mapping):
+            if density is None:
+                raise ValueError("static mode from a trace needs a density")
+            static_neurons = static_from_trace(static_neurons, rule, density,
+                                               layers=requested)
+        chosen = requested if requested is not None else tuple(
+            int(k) for k in static_neurons if 0 <= int(k) < n_layers)
+        if not chosen:
+            raise ValueError("static_neurons has no set for any layer of this model")
+        static_idx = _check_static(static_neurons, adapter, chosen)
+
+    if mode != "oracle":
+        if any(getattr(adapter.layers[i].down_proj, "bias", None) is not None
+               or (adapter.layers[i].gate_proj.bias is not None) for i in chosen):
+            raise ValueError("the sparse kernels do not support MLP biases; use mode='oracle'")
+        for i in chosen:
+            if not adapter.layers[i].down_proj.weight.is_contiguous():
+                raise ValueError(f"layer {i}: down_proj.weight is not contiguous (is the model "
+                                 "sparsified by something else?)")
+        if weight.device.type != "cpu":
+            raise ValueError(f"sparse kernels run on the CPU; the model is on {weight.device}")
+        if kernel == "fast":
+            from sparselab import _fast
+
+            if adapter.activation not in _fast.ACTIVATIONS:
+                raise ValueError(f"kernel='fast' has no {adapter.activation!r} activation "
+                                 f"(has {_fast.ACTIVATIONS}); use kernel='torch'")
+            if dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"kernel='fast' runs float32 or bfloat16 weights, the model "
+                                 f"is {dtype}; use kernel='torch'")
+            for i in chosen:
+                for w in adapter.layers[i].gate_up_weights():
+                    if not w.is_contiguous():
+                        raise ValueError(f"layer {i}: gate/up weights are not contiguous")
+
+    # ---- build (undo everything if anything fails) --------------------------------------
+    runtime = RunState(mode=mode, activation=adapter.activation, predictors=predictors,
+                       rule=rule, prefill=prefill, use_cache=use_cache, union=union,
+                       kernel=kernel, record_stats=record_stats)
+    config = {
+        "mode": mode, "layers": list(chosen), "prefill": prefill, "use_cache": use_cache,
+        "union": union, "kernel": kernel, "density": density,
+        "rule": rule.describe() if rule is not None else None,
+        "static_sizes": {i: int(v.numel()) for i, v in static_idx.items()} or None,
+        "lookahead": bool(getattr(predictors, "lookahead", False)) if predictors is not None else None,
+        "activation": adapter.activation, "dtype": str(dtype).replace("torch.", ""),
+    }
+    wrappers: dict[int, SparseMLP] = {}
+    hooks: list = []
+    handle = SparseHandle(model, adapter, runtime, wrappers, hooks, config)
+    scratch: list = []
+    try:
+        hooks.append(model.register_forward_pre_hook(model_pre_hook(runtime), with_kwargs=True))
+        for i in chosen:
+            spec = adapter.layers[i]
+            # the model's own activation module: density 1.0 is then bit-identical to dense
+            act_fn = activation_module(spec.mlp) or adapter.act_fn
+            down = spec.down_proj.weight
+            down_t = transpose_in_place(down, scratch) if mode != "oracle" else None
+            try:
+                wrapper = SparseMLP(spec, runtime, act_fn, down_t=down_t,
+                                    static_idx=static_idx.get(i))
+            except BaseException:
+                if down_t is not None:
+                    untranspose_in_place(down, down_t, scratch)
+                raise
+            wrappers[i] = wrapper
+            setattr(spec.layer, spec.attr, wrapper)
+            if mode == "predicted" and predictors.lookahead:
+                hooks.append(_attach_lookahead(spec, wrapper))
+    except BaseException:
+        handle.restore()
+        raise
+    return handle
+
+
+def _attach_lookahead(spec, wrapper: SparseMLP):
+    """Hand the wrapper what lookahead predictors read: the input norm's output, or the
+    decoder layer's input where the model has no input norm (as the Recorder records)."""
+    if spec.input_norm is not None:
+        def after_norm(module, inputs, output):
+            wrapper.lookahead_input = output
+
+        return spec.input_norm.register_forward_hook(after_norm)
+
+    def before_layer(module, args, kwargs):
+        wrapper.lookahead_input = args[0] if args else kwargs["hidden_states"]
+
+    return spec.layer.register_forward_pre_hook(before_layer, with_kwargs=True)
