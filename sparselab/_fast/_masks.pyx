@@ -76,6 +76,20 @@ cdef inline Py_ssize_t _emit(uint64_t word, Py_ssize_t base, int64_t* out, Py_ss
     return pos
 
 
+cdef void _fill_diff(const uint64_t* old, const uint64_t* new, Py_ssize_t w, int64_t* added,
+                     int64_t* removed) noexcept nogil:
+    """Sorted indices set only in ``new`` into ``added``, only in ``old`` into ``removed``."""
+    cdef Py_ssize_t i, pa = 0, pr = 0
+    cdef uint64_t a, b
+    for i in range(w):
+        a = new[i] & ~old[i]
+        b = old[i] & ~new[i]
+        if a:
+            pa = _emit(a, i * 64, added, pa)
+        if b:
+            pr = _emit(b, i * 64, removed, pr)
+
+
 def diff_counts(const uint64_t[::1] old, const uint64_t[::1] new):
     """Return ``(n_added, n_removed)`` between two masks of equal length."""
     cdef Py_ssize_t w = old.shape[0], i
@@ -90,18 +104,11 @@ def diff_counts(const uint64_t[::1] old, const uint64_t[::1] new):
 def diff_fill(const uint64_t[::1] old, const uint64_t[::1] new, int64_t[::1] added, int64_t[::1] removed):
     """Write the sorted indices set only in ``new`` into ``added`` and only in ``old`` into
     ``removed``; both arrays must have the sizes :func:`diff_counts` returned."""
-    cdef Py_ssize_t w = old.shape[0], i, pa = 0, pr = 0
     cdef int64_t* pad = &added[0] if added.shape[0] else NULL
     cdef int64_t* prm = &removed[0] if removed.shape[0] else NULL
-    cdef uint64_t a, b
     with nogil:
-        for i in range(w):
-            a = new[i] & ~old[i]
-            b = old[i] & ~new[i]
-            if a:
-                pa = _emit(a, i * 64, pad, pa)
-            if b:
-                pr = _emit(b, i * 64, prm, pr)
+        _fill_diff(&old[0] if old.shape[0] else NULL, &new[0] if new.shape[0] else NULL,
+                   old.shape[0], pad, prm)
     return None
 
 
@@ -191,13 +198,12 @@ def xor_diff_fast(object old, object new):
     """``(added, removed)`` for two plain 1-D uint64 arrays of equal length, else None."""
     if not (_plain_words(old, 1) and _plain_words(new, 1)):
         return None
-    cdef Py_ssize_t w = cnp.PyArray_DIM(<cnp.ndarray>old, 0), i, pa = 0, pr = 0
+    cdef Py_ssize_t w = cnp.PyArray_DIM(<cnp.ndarray>old, 0), i
     if cnp.PyArray_DIM(<cnp.ndarray>new, 0) != w:
         return None
     cdef const uint64_t* po = <const uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>old)
     cdef const uint64_t* pn = <const uint64_t*>cnp.PyArray_DATA(<cnp.ndarray>new)
     cdef cnp.npy_intp na = 0, nr = 0
-    cdef uint64_t a, b
     with nogil:
         for i in range(w):
             na += sl_popcount64(pn[i] & ~po[i])
@@ -207,13 +213,7 @@ def xor_diff_fast(object old, object new):
     cdef int64_t* qa = <int64_t*>cnp.PyArray_DATA(added)
     cdef int64_t* qr = <int64_t*>cnp.PyArray_DATA(removed)
     with nogil:
-        for i in range(w):
-            a = pn[i] & ~po[i]
-            b = po[i] & ~pn[i]
-            if a:
-                pa = _emit(a, i * 64, qa, pa)
-            if b:
-                pr = _emit(b, i * 64, qr, pr)
+        _fill_diff(po, pn, w, qa, qr)
     return added, removed
 
 

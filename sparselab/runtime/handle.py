@@ -99,9 +99,7 @@ class SparseHandle:
                 setattr(spec.layer, spec.attr, wrapper.original)
             if wrapper.down_t is not None:
                 untranspose_in_place(spec.down_proj.weight, wrapper.down_t, scratch)
-                wrapper.down_t = None
-            wrapper.cache = None
-            wrapper._weights = None
+            wrapper.release()
         self.active = False
 
     def __enter__(self) -> SparseHandle:

@@ -128,6 +128,14 @@ class SparseMLP(nn.Module):
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
             self.static_mask[static_idx] = True
 
+    def release(self) -> None:
+        """Drop the kernels' views of the weights (the handle restores the layout first)."""
+        self.down_t = None
+        self.cache = None
+        self._indexed = None
+        self._selector = self._form = None
+        self._weights = None
+
     @property
     def last_mask(self) -> torch.Tensor:
         """Bool ``[n_neurons]``: the neuron set of the last call that chose one (all False

@@ -294,14 +294,22 @@ def hit_rate_by_layer(hits: pd.DataFrame, fraction: float, title: str | None = N
     part = hits[hits["fraction"] == match[0]].sort_values("layer")
     fig = new_figure(title or f"Hot set of {match[0]:.0%} of neurons, chosen on other texts",
                   "layer", "share of held-out activations covered", height=380)
+    return _bars_and_baselines(fig, part, bars=[("held-out", "held_out", ACTIVE_COLOR)],
+                               lines=[("oracle", "oracle", MODEL_COLOR, FREQUENCY_DOT, "lines+markers"),
+                                      ("random set", "random", UNIFORM_COLOR, BASELINE_DASH, "lines")])
+
+
+def _bars_and_baselines(fig: go.Figure, part: pd.DataFrame, bars: list, lines: list) -> go.Figure:
+    """Bars per layer (``(name, column, colour)``) with baseline lines over them
+    (``(name, column, colour, dash, mode)``), y from 0 to 1."""
     x = part["layer"].to_numpy()
-    fig.add_trace(go.Bar(x=x, y=part["held_out"].to_numpy(), name="held-out", marker_color=ACTIVE_COLOR,
-                         hovertemplate="layer %{x}<br>held-out %{y:.3f}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=x, y=part["oracle"].to_numpy(), mode="lines+markers", name="oracle",
-                             line={"color": MODEL_COLOR, "dash": FREQUENCY_DOT}))
-    fig.add_trace(go.Scatter(x=x, y=part["random"].to_numpy(), mode="lines", name="random set",
-                             line={"color": UNIFORM_COLOR, "dash": BASELINE_DASH}))
-    fig.update_yaxes(range=[0, 1.01])
+    for name, column, color in bars:
+        fig.add_trace(go.Bar(x=x, y=part[column].to_numpy(), name=name, marker_color=color,
+                             hovertemplate=f"layer %{{x}}<br>{name} %{{y:.3f}}<extra></extra>"))
+    for name, column, color, dash, mode in lines:
+        fig.add_trace(go.Scatter(x=x, y=part[column].to_numpy(), mode=mode, name=name,
+                                 line={"color": color, "dash": dash}))
+    fig.update_yaxes(range=[0, 1.02])
     return fig
 
 
@@ -351,12 +359,7 @@ def union_by_layer(union: pd.DataFrame, size: int, title: str | None = None) -> 
     part = union[union["size"] == int(size)].sort_values("layer")
     fig = new_figure(title or f"Union density of B = {int(size)} tokens by layer", "layer",
                   "union density (share of neurons)", height=380, barmode="group")
-    x = part["layer"].to_numpy()
-    fig.add_trace(go.Bar(x=x, y=part["random_batch"].to_numpy(), name="random batch", marker_color=ACTIVE_COLOR))
-    fig.add_trace(go.Bar(x=x, y=part["consecutive"].to_numpy(), name="consecutive", marker_color="#2ca02c"))
-    fig.add_trace(go.Scatter(x=x, y=part["independent"].to_numpy(), mode="lines", name="independent",
-                             line={"color": UNIFORM_COLOR, "dash": BASELINE_DASH}))
-    fig.add_trace(go.Scatter(x=x, y=part["frequency_union"].to_numpy(), mode="lines", name="frequency-matched",
-                             line={"color": MODEL_COLOR, "dash": FREQUENCY_DOT}))
-    fig.update_yaxes(range=[0, 1.02])
-    return fig
+    return _bars_and_baselines(
+        fig, part, bars=[("random batch", "random_batch", ACTIVE_COLOR), ("consecutive", "consecutive", "#2ca02c")],
+        lines=[("independent", "independent", UNIFORM_COLOR, BASELINE_DASH, "lines"),
+               ("frequency-matched", "frequency_union", MODEL_COLOR, FREQUENCY_DOT, "lines")])
