@@ -49,7 +49,7 @@ def write_markdown(rows: Rows, path: Path, meta: dict):
               "1 thread, speedup >= 0.85/d.", ""]
     lines += ["## Sparse MLP (batch 1, SiLU)", "",
               "| shape | dtype | thr | density | dense torch ms | regather+matmul ms | "
-              "kernel1 (cache) ms | kernel2 (index) ms | k1 speedup | k2 speedup | "
+              "over the cache ms | by index ms | cache speedup | by-index speedup | "
               "target | met? |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     mlp = [r for r in R if r["section"] == "mlp"]
@@ -62,7 +62,7 @@ def write_markdown(rows: Rows, path: Path, meta: dict):
 
     for k in keys:
         d, rg, k1, k2 = (by[k + (m,)] for m in ("dense_torch", "regather_matmul",
-                                                 "kernel1_cache", "kernel2_index"))
+                                                 "cache_kernel", "index_kernel"))
         met = ""
         if k1["target"] != "":
             met = f"k1 {'yes' if k1['target_met'] else 'NO'} / k2 {'yes' if k2['target_met'] else 'NO'}"
@@ -74,9 +74,9 @@ def write_markdown(rows: Rows, path: Path, meta: dict):
               "| shape | thr | density | kernel | fp32 ms | bf16 ms | bf16 speedup | met? |",
               "|---|---|---|---|---|---|---|---|"]
     for (shape, dt, thr, dens) in keys:
-        if dt != "float32" or (shape, "bfloat16", thr, dens, "kernel1_cache") not in by:
+        if dt != "float32" or (shape, "bfloat16", thr, dens, "cache_kernel") not in by:
             continue
-        for m in ("kernel1_cache", "kernel2_index"):
+        for m in ("cache_kernel", "index_kernel"):
             a, b = by[(shape, "float32", thr, dens, m)], by[(shape, "bfloat16", thr, dens, m)]
             r = a["median_ms"] / b["median_ms"]
             tgt = shape == TARGET_SHAPE and thr == 1

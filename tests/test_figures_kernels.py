@@ -14,8 +14,8 @@ from sparselab.viz import kernels as figures_kernels
 def _mlp_frame() -> pd.DataFrame:
     rows = []
     for d in (0.1, 0.5):
-        for method, ms in (("dense_torch", 1.0), ("regather_matmul", 2 * d), ("kernel1_cache", d),
-                           ("kernel2_index", 1.2 * d)):
+        for method, ms in (("dense_torch", 1.0), ("regather_matmul", 2 * d), ("cache_kernel", d),
+                           ("index_kernel", 1.2 * d)):
             rows.append({"density": d, "method": method, "median_ms": ms, "q1_ms": 0.9 * ms,
                          "q3_ms": 1.2 * ms, "shape": "s", "dtype": "float32", "threads": 1})
     return pd.DataFrame(rows)

@@ -98,8 +98,8 @@ def mlp_methods(x, gate, up, down, down_t, idx, idx_t, cache, nt) -> dict:
     return {
         "dense_torch": dense,
         "regather_matmul": regather,
-        "kernel1_cache": lambda: cache.forward(x, "silu", n_threads=nt),
-        "kernel2_index": lambda: _fast.sparse_mlp(x, gate, up, down_t, idx, "silu",
+        "cache_kernel": lambda: cache.forward(x, "silu", n_threads=nt),
+        "index_kernel": lambda: _fast.sparse_mlp(x, gate, up, down_t, idx, "silu",
                                                   n_threads=nt),
     }
 
@@ -162,8 +162,8 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
                                  target=round(0.85 / dens, 3) if is_target and kern else "",
                                  target_met=(sp >= 0.85 / dens) if is_target and kern else "")
                     print(f"mlp {shape_name} {dtype} t={nt} d={dens}: dense {dense_med:.2f} ms, "
-                          f"k1 {stats_ms(t['kernel1_cache'])[0]:.2f}, "
-                          f"k2 {stats_ms(t['kernel2_index'])[0]:.2f}, "
+                          f"cache {stats_ms(t['cache_kernel'])[0]:.2f}, "
+                          f"by index {stats_ms(t['index_kernel'])[0]:.2f}, "
                           f"regather {stats_ms(t['regather_matmul'])[0]:.2f}", flush=True)
     torch.set_num_threads(max(threads))
 

@@ -24,8 +24,8 @@ REGATHER_COLOR = "#d62728"
 METHOD_NAMES = {
     "dense_torch": ("dense (torch)", "gray"),
     "regather_matmul": ("re-gather + matmul", REGATHER_COLOR),
-    "kernel1_cache": ("over the cache (contiguous rows)", ACTIVE_COLOR),
-    "kernel2_index": ("by index (full weights, no copy)", "#2ca02c"),
+    "cache_kernel": ("over the cache (contiguous rows)", ACTIVE_COLOR),
+    "index_kernel": ("by index (full weights, no copy)", "#2ca02c"),
 }
 
 
