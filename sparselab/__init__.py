@@ -53,6 +53,7 @@ _LAZY_MODULES = {
 _LAZY_ATTRS = {
     "dashboard": ("sparselab.viz.dashboard", "dashboard"),
     "report": ("sparselab.viz.report", "report"),
+    "frontier": ("sparselab.evaluation.frontier", "frontier"),
 }
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "Trace",
     "__version__",
     "evaluate",
+    "frontier",
     "load_corpus",
     "load_model",
     "record",

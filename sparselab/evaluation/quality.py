@@ -78,9 +78,9 @@ def _extra_configs(extra_modes, densities) -> list[tuple[str, float, dict[str, A
                             f"got {type(make).__name__}")
         for d in densities:
             kwargs = dict(make(float(d)))
-            if kwargs.get("mode") not in ("oracle", "static", "predicted"):
-                raise ValueError(f"extra mode {name!r}: its kwargs need mode='oracle', 'static' or "
-                                 f"'predicted', got {kwargs.get('mode')!r}")
+            if kwargs.get("mode") not in ("oracle", "static", "predicted", "method"):
+                raise ValueError(f"extra mode {name!r}: its kwargs need mode='oracle', 'static', "
+                                 f"'predicted' or 'method', got {kwargs.get('mode')!r}")
             fixed = sorted({"prefill", "kernel", "record_stats", "use_cache", "union"} & set(kwargs))
             if fixed:
                 raise ValueError(f"extra mode {name!r}: {fixed} are set by sl.evaluate itself")
@@ -173,7 +173,9 @@ def evaluate(
     ``extra_modes`` adds named configurations scored on the same tokens against the same
     dense pass: ``{name: make}`` where ``make(density)`` returns ``sl.sparsify`` keyword
     arguments (e.g. ``{"random": lambda d: {"mode": "static", "static_neurons": sets(d)}}``
-    or another oracle rule); their rows carry ``mode=name``.
+    or another oracle rule, or ``{"mode": "method", "method": sl.prediction.methods.TEAL(0.7, d)
+    .fit(model, trace)}`` for any selection method); their rows carry ``mode=name``.
+    :func:`sparselab.frontier` adds each method's bytes read.
     ``df.attrs`` holds the config, model identity and versions.
     """
     from tqdm.auto import tqdm

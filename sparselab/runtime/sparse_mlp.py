@@ -46,9 +46,12 @@ class RunState:
     union: bool
     kernel: str
     record_stats: bool
+    method: Any = None  # a sparselab.prediction.selection.SelectionMethod in method mode
     step: int = -1
     valid: torch.Tensor | None = None  # bool [B, S] of the current call (attention mask)
     records: list[StepStats] = field(default_factory=list)
+    # method mode: layer -> [weight bytes read, tokens, dense MLP bytes per token]
+    bytes_read: dict[int, list[float]] = field(default_factory=dict)
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -123,6 +126,12 @@ class SparseMLP(nn.Module):
             else (None, None))
         self.lookahead_input: torch.Tensor | None = None
         self._prev = np.zeros(self.n_neurons, dtype=bool)  # last mask (numpy), for churn
+        self._mlp_weights = None
+        if state.mode == "method":
+            from sparselab.prediction.selection import MLPWeights
+
+            gate_w, up_w = spec.gate_up_weights()
+            self._mlp_weights = MLPWeights(spec.index, gate_w, up_w, spec.down_proj.weight, act_fn)
         self.static_mask = None
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
@@ -135,6 +144,7 @@ class SparseMLP(nn.Module):
         self._indexed = None
         self._selector = self._form = None
         self._weights = None
+        self._mlp_weights = None
 
     @property
     def last_mask(self) -> torch.Tensor:
@@ -243,6 +253,8 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decode = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
         try:
+            if self.rt.mode == "method":
+                return self._run_method(x, "decode" if decode else "prefill")
             if decode:
                 return self._decode(x)
             if self.rt.prefill == "dense":
@@ -253,6 +265,30 @@ class SparseMLP(nn.Module):
         finally:
             if self.lookahead_input is not None:  # nn.Module.__setattr__ costs us per call
                 self.lookahead_input = None
+
+    def _run_method(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        """Method mode: each token's selection, the MLP over exactly what it reads, and
+        the bytes read counted (pad tokens included)."""
+        from sparselab.prediction.selection import dense_mlp_bytes, run_selection, selection_bytes
+
+        clock = self.rt.clock
+        x2 = x.reshape(-1, x.shape[-1])
+        w = self._mlp_weights
+        t0 = clock()
+        selection = self.rt.method.select(x2, w)
+        t1 = clock()
+        y = run_selection(x2, w, selection)
+        t2 = clock()
+        nbytes = selection_bytes(selection, w, x2.shape[0])
+        log = self.rt.bytes_read.setdefault(self.layer_index, [0.0, 0, float(dense_mlp_bytes(w))])
+        log[0] += float(nbytes.sum())
+        log[1] += x2.shape[0]
+        if self.rt.record_stats:
+            keep = selection.neurons()
+            active = float(self.n_neurons if keep is None else keep.sum(-1).double().mean())
+            self._record(phase, x2.shape[0], None, StepTimes(predictor=t1 - t0, mlp=t2 - t1),
+                         active=active)
+        return y.reshape(x.shape)
 
     def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
         clock = self.rt.clock

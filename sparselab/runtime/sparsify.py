@@ -14,6 +14,11 @@ Modes:
   before ``down``: the best quality any predictor with that rule could reach.
 - ``"static"``: one fixed neuron set per layer (e.g. the most frequent ones,
   :func:`~sparselab.prediction.static_from_trace`), run with the direct kernel.
+- ``"method"``: any :class:`~sparselab.prediction.selection.SelectionMethod` (oracle,
+  shadow, TEAL, WINA, CATS, two-stage, a wrapped predictor; ``method=``, or passed as
+  ``predictors``): every token, in every phase, computes the MLP from exactly the weights
+  its selection reads (in torch, by masking: quality, not speed), and the handle counts
+  those bytes (:meth:`~sparselab.runtime.handle.SparseHandle.bytes_share`).
 
 Decode steps (one new token per row) run sparse. Prefill (several tokens per row) is dense
 by default; ``prefill="union"`` computes all prefill tokens with one union mask,
@@ -46,7 +51,7 @@ from sparselab.runtime.sparse_mlp import RunState, SparseMLP, model_pre_hook
 
 __all__ = ["KERNELS", "PREFILLS", "SPARSIFY_MODES", "AlreadySparsifiedError", "is_sparsified", "sparsify"]
 
-SPARSIFY_MODES = ("predicted", "oracle", "static")
+SPARSIFY_MODES = ("predicted", "oracle", "static", "method")
 KERNELS = ("fast", "torch")
 PREFILLS = ("dense", "union", "per_token")
 
@@ -123,6 +128,7 @@ def sparsify(
     union: bool = True,
     kernel: str = "fast",
     record_stats: bool = True,
+    method=None,
 ) -> SparseHandle:
     """Swap the gated MLPs of ``model`` for sparse ones, in place; returns a handle.
 
@@ -143,11 +149,20 @@ def sparsify(
     - ``use_cache=False``: direct gather kernel instead of the weight cache;
       ``union=False``: per-row masks instead of one union per batch (oracle mode too).
     - ``kernel``: ``"fast"`` (sparselab._fast) or ``"torch"`` (index_select + matmul).
+    - ``method``: a fitted :class:`~sparselab.prediction.selection.SelectionMethod`
+      (mode ``"method"``, also when passed as ``predictors``); ``prefill``, ``use_cache``,
+      ``union`` and ``kernel`` do not apply to it (every token gets its own selection).
 
     Every argument is checked before the model is touched: a ``ValueError`` names the
     problem and leaves the model unchanged.
     """
     # ---- validation (no state changes) -------------------------------------------------
+    from sparselab.prediction.selection import SelectionMethod
+
+    if method is None and isinstance(predictors, SelectionMethod):
+        method, predictors = predictors, None
+    if method is not None and mode == "predicted":
+        mode = "method"
     check_choice("mode", mode, SPARSIFY_MODES)
     check_choice("kernel", kernel, KERNELS)
     check_choice("prefill", prefill, PREFILLS)
@@ -195,6 +210,14 @@ def sparsify(
             missing = sorted(set(chosen) - set(thresholds))
             if missing:
                 raise ValueError(f"rule {type(rule).__name__} has no threshold for layers {missing}")
+    elif mode == "method":
+        if method is None or not isinstance(method, SelectionMethod):
+            raise ValueError('mode="method" needs method=, a sparselab.prediction.selection.'
+                             f"SelectionMethod (got {type(method).__name__})")
+        if not method.fitted:
+            raise ValueError(f"method {method!r} is not fitted: call method.fit(model, trace) "
+                             "with a trace of training text first")
+        chosen = requested if requested is not None else tuple(range(n_layers))
     else:
         if static_neurons is None:
             raise ValueError('mode="static" needs static_neurons: {layer: indices} or a Trace '
@@ -210,7 +233,7 @@ def sparsify(
             raise ValueError("static_neurons has no set for any layer of this model")
         static_idx = _check_static(static_neurons, adapter, chosen)
 
-    if mode != "oracle":
+    if mode not in ("oracle", "method"):
         if any(getattr(adapter.layers[i].down_proj, "bias", None) is not None
                or (adapter.layers[i].gate_proj.bias is not None) for i in chosen):
             raise ValueError("the sparse kernels do not support MLP biases; use mode='oracle'")
@@ -237,7 +260,7 @@ def sparsify(
     # ---- build (undo everything if anything fails) --------------------------------------
     runtime = RunState(mode=mode, activation=adapter.activation, predictors=predictors,
                        rule=rule, prefill=prefill, use_cache=use_cache, union=union,
-                       kernel=kernel, record_stats=record_stats)
+                       kernel=kernel, record_stats=record_stats, method=method)
     config = {
         "mode": mode, "layers": list(chosen), "prefill": prefill, "use_cache": use_cache,
         "union": union, "kernel": kernel, "density": density,
@@ -246,6 +269,8 @@ def sparsify(
         "lookahead": bool(getattr(predictors, "lookahead", False)) if predictors is not None else None,
         "activation": adapter.activation, "dtype": str(dtype).replace("torch.", ""),
     }
+    if method is not None:
+        config["method"] = method.describe()
     wrappers: dict[int, SparseMLP] = {}
     hooks: list = []
     handle = SparseHandle(model, adapter, runtime, wrappers, hooks, config)
@@ -257,7 +282,7 @@ def sparsify(
             # the model's own activation module: density 1.0 is then bit-identical to dense
             act_fn = activation_module(spec.mlp) or adapter.act_fn
             down = spec.down_proj.weight
-            down_t = transpose_in_place(down, scratch) if mode != "oracle" else None
+            down_t = transpose_in_place(down, scratch) if mode not in ("oracle", "method") else None
             try:
                 wrapper = SparseMLP(spec, runtime, act_fn, down_t=down_t,
                                     static_idx=static_idx.get(i))
