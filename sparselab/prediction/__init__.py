@@ -16,12 +16,12 @@ reads per token, so bytes are counted by the library) and :mod:`.methods` (oracl
 predicted, shadow, TEAL, WINA, CATS, two-stage), :mod:`.quantize` (group-wise int codes).
 """
 
+from sparselab.prediction import methods
 from sparselab.prediction.files import PredictorFileError, load_predictors, save_predictors
 from sparselab.prediction.identity import PredictorModelMismatch
 from sparselab.prediction.lowrank import Predictors, low_rank_scores
 from sparselab.prediction.policy import Policy
 from sparselab.prediction.protocol import LowRankForm, MaskPredictor
-from sparselab.prediction import methods
 from sparselab.prediction.random import RandomLowRankPredictors
 from sparselab.prediction.selection import MLPWeights, Selection, SelectionMethod
 from sparselab.prediction.static import static_from_trace

@@ -48,7 +48,8 @@ def _layer_weights(model) -> dict[int, MLPWeights]:
     for spec in adapter.layers:
         gate, up = spec.gate_up_weights()
         act = activation_module(spec.mlp) or adapter.act_fn
-        out[spec.index] = MLPWeights(spec.index, gate, up, spec.down_proj.weight, act)
+        out[spec.index] = MLPWeights(spec.index, gate.detach(), up.detach(),
+                                     spec.down_proj.weight.detach(), act)
     return out
 
 
