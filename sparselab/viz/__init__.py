@@ -8,13 +8,15 @@ Figure modules by topic, each function ``(frame, ...) -> go.Figure`` that never 
 model: :mod:`.masks` (density, heatmap, churn, magnitudes), :mod:`.reuse` (windows, hot
 sets, batches, frequencies against independence baselines), :mod:`.quality`
 (calibration, quality vs density, predictors), :mod:`.live` (a live sparse generation),
-:mod:`.kernels` (kernel benchmarks); :mod:`.style` is their shared look. Widgets:
+:mod:`.kernels` (kernel benchmarks), :mod:`.frontier` (quality against bytes read, per
+selection method); :mod:`.style` is their shared look. Widgets:
 :mod:`.interact` (a figure driven by controls, in-place updates), :mod:`.dashboard` and
 :mod:`.dashboard_live`; :mod:`.report` writes HTML. A new figure goes in the module of its
 topic, takes a tidy frame, checks it with ``style.require_columns`` and uses
 ``style.new_figure``.
 """
 
+from sparselab.viz.frontier import frontier_figure
 from sparselab.viz.kernels import METHOD_NAMES, mlp_time_vs_density, update_cost
 from sparselab.viz.live import (
     cache_traffic_bars,
@@ -68,6 +70,7 @@ __all__ = [
     "cosine_by_layer",
     "density_by_layer",
     "frequency_ecdf",
+    "frontier_figure",
     "hit_rate_by_layer",
     "hit_rate_curves",
     "layer_density_spread",
