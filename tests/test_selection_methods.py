@@ -203,3 +203,46 @@ def test_frontier_rows_and_oracle_order(real_model, small_trace):
                      progress=False, extra_modes={"o": lambda d: {"mode": "method", "method": M.Oracle(d)}},
                      densities=(0.3,))
     assert ev.set_index("mode").loc["o", "perplexity"] == pytest.approx(oracle.loc["0.3", "perplexity"], rel=1e-4)
+
+
+def _frontier_frame():
+    import pandas as pd
+
+    rows = [("m", "dense", "1", True, 1.0, 10.0, 0.0, 0.0)]
+    rows += [("m", "oracle", p, False, b, 10 * (1 + q), q, q / 2) for p, b, q in
+             (("0.4", 0.4, 0.06), ("0.5", 0.5, 0.015), ("0.6", 0.6, 0.001))]
+    rows += [("m", "teal", p, True, b, 10 * (1 + q), q, q / 2) for p, b, q in
+             (("x0.7/h0.5", 0.63, 0.05), ("x0.8/h0.5", 0.70, 0.021))]
+    cols = ["model", "method", "point", "realizable", "bytes_share", "perplexity", "ppl_vs_dense", "kl"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def test_smallest_bytes_and_frontier_figure():
+    from sparselab.evaluation.frontier import smallest_bytes
+    from sparselab.viz.frontier import frontier_figure
+
+    df = _frontier_frame()
+    best = smallest_bytes(df, 0.05).set_index("method")
+    assert best.loc["oracle", "bytes_share"] == 0.5 and best.loc["teal", "bytes_share"] == 0.63
+    best = smallest_bytes(df, 0.02).set_index("method")
+    assert best.loc["oracle", "point"] == "0.5" and np.isnan(best.loc["teal", "bytes_share"])
+    fig = frontier_figure(df)
+    names = [t.name for t in fig.data]
+    assert names == ["oracle", "teal"]  # dense left out, one line per method
+    assert list(fig.data[0].x) == [0.4, 0.5, 0.6] and fig.data[0].line.dash == "dash"
+    assert list(fig.data[1].y) == pytest.approx([5.0, 2.1])  # percent
+    with pytest.raises(ValueError, match="metric"):
+        frontier_figure(df, metric="speed")
+    with pytest.raises(ValueError, match="no method rows"):
+        frontier_figure(df[df.method == "dense"])
+
+
+def test_fit_needs_the_recorded_arrays():
+    class NoInputs:
+        arrays = {"h": None}
+        layers = (0,)
+
+    with pytest.raises(ValueError, match="mlp_in"):
+        M.TEAL(0.5, 0.5).fit(None, NoInputs())
+    with pytest.raises(ValueError, match="gate"):
+        M.CATS(0.5).fit(None, NoInputs())
