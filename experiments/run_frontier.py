@@ -1,6 +1,6 @@
 """The bytes frontier of every selection method on both embedded models.
 
-    flock -x /tmp/sparselab-bench.lock python experiments/run_frontier.py            # both, ~40 min
+    flock -x /tmp/sparselab-bench.lock python experiments/run_frontier.py            # both, ~30 min
     python experiments/run_frontier.py --model smollm2 --n-held 4 --quick           # a smoke run
 
 Per model: the corpus is split (``sl.corpus.split``, every 4th passage held out); a trace
@@ -9,7 +9,9 @@ fits every threshold and trains the rank-64 low-rank predictors (``--epochs``); 
 ``--n-held`` held-out passages (256 tokens each) are scored by :func:`sparselab.frontier`
 (teacher-forced perplexity, KL to dense, MLP weight bytes read per token / dense, the
 method's own weights included). Methods: oracle top-k |h| (not realizable), shadow 4-bit
-(group 64), TEAL, WINA, CATS, trained low-rank, two-stage (trained superset -> top |h|).
+(group 64), TEAL, WINA, CATS, trained low-rank, two-stage (trained superset -> top |h|);
+``-cal`` variants of shadow, TEAL and WINA replace the per-token top-k by a per-layer
+threshold calibrated on the training trace (same mean share, a count that varies by token).
 
 Writes ``experiments/results/frontier_<model>.csv`` (one row per method and point) and
 ``.md`` (the table, the smallest bytes within +5 % and +2 %, fit times, config, versions).
@@ -41,6 +43,9 @@ def method_grid(predictors, quick: bool) -> list:
     grid += [M.Shadow(d) for d in (0.4, 0.45, 0.5, 0.6)]
     grid += [M.TEAL(x, h) for x, h in ((0.7, 0.5), (0.8, 0.5), (0.8, 0.6))]
     grid += [M.WINA(x, h) for x, h in ((0.7, 0.5), (0.8, 0.5), (0.8, 0.6))]
+    grid += [M.Shadow(d, calibrated=True) for d in (0.4, 0.45, 0.5, 0.6)]
+    grid += [M.TEAL(x, h, calibrated=True) for x, h in ((0.7, 0.5), (0.8, 0.5))]
+    grid += [M.WINA(x, h, calibrated=True) for x, h in ((0.7, 0.5), (0.8, 0.5))]
     grid += [M.CATS(d) for d in (0.5, 0.7)]
     if predictors is not None:
         grid += [M.Predicted(predictors, d) for d in (0.5, 0.7, 0.8)]

@@ -133,6 +133,12 @@ def test_each_method_bytes_against_hand_count(real_model, small_trace):
     # training-text thresholds keep about the asked share on the training text itself
     xs = small_trace.mlp_inputs(layer).float()
     assert abs(float(teal.select(xs, w).inputs.float().mean()) - 0.7) < 0.01
+    cal = M.Shadow(0.5, calibrated=True).fit(model, small_trace)
+    sel = cal.select(xs, w)
+    assert abs(float(sel.gate_rows.float().mean()) - 0.5) < 0.01
+    assert sel.gate_rows.sum(1).unique().numel() > 1  # a per-token count that varies
+    rows = sel.gate_rows.sum(1).double()
+    assert torch.equal(selection_bytes(sel, w, len(xs)), size * 3 * rows * h + 2 * q)
 
 
 @pytest.mark.slow
@@ -165,12 +171,14 @@ def test_methods_at_density_one_equal_dense_and_restore(real_model, small_trace)
     with torch.no_grad():
         dense = model(input_ids=ids).logits
         for method in (M.Oracle(1.0), M.Shadow(1.0).fit(model), M.TEAL(1.0, 1.0).fit(model, small_trace),
-                       M.WINA(1.0, 1.0).fit(model, small_trace), M.CATS(1.0).fit(model, small_trace)):
+                       M.WINA(1.0, 1.0).fit(model, small_trace), M.CATS(1.0).fit(model, small_trace),
+                       M.Shadow(1.0, calibrated=True).fit(model, small_trace),
+                       M.TEAL(1.0, 1.0, calibrated=True).fit(model, small_trace)):
             with sl.sparsify(model, method=method) as handle:
                 out = model(input_ids=ids).logits
                 assert sl.runtime.is_sparsified(model)
             assert torch.allclose(out, dense, atol=1e-4), method
-            extra = 0.0885 if method.name == "shadow" else 0.0
+            extra = 0.0885 if method.name.startswith("shadow") else 0.0
             assert handle.bytes_share() == pytest.approx(1.0 + extra, abs=5e-4), method
             assert not sl.runtime.is_sparsified(model)
         # a sparse method changes the output, and restore gives the dense model back bit for bit
@@ -203,6 +211,11 @@ def test_frontier_rows_and_oracle_order(real_model, small_trace):
                      progress=False, extra_modes={"o": lambda d: {"mode": "method", "method": M.Oracle(d)}},
                      densities=(0.3,))
     assert ev.set_index("mode").loc["o", "perplexity"] == pytest.approx(oracle.loc["0.3", "perplexity"], rel=1e-4)
+    ev = sl.evaluate(model, tokenizer, held_out, modes=(), max_length=48, n_generate=4, n_prompts=1,
+                     progress=False, methods=[M.Oracle(0.7)])
+    assert ev["mode"].tolist() == ["oracle 0.7"]
+    assert ev.perplexity[0] == pytest.approx(oracle.loc["0.7", "perplexity"], rel=1e-4)
+    assert 0 <= ev.greedy_agreement[0] <= 1
 
 
 def _frontier_frame():

@@ -177,17 +177,24 @@ class TwoStage(Predicted):
 @dataclass(repr=False)
 class Shadow(_Base):
     """Approximate ``h`` from ``bits``-bit copies of gate and up; its top ``density`` rows
-    are computed exactly. Extra bytes: the quantized gate and up (codes + fp16 scales)."""
+    are computed exactly. Extra bytes: the quantized gate and up (codes + fp16 scales).
+    ``calibrated=True``: the rows above a per-layer threshold on the approximate ``|h|``
+    that keeps ``density`` on training text (a per-token count that varies, same mean)."""
 
     density: float
     bits: int = 4
     group: int = 64
+    calibrated: bool = False
     _gate: dict = field(default_factory=dict)
     _up: dict = field(default_factory=dict)
-    name = "shadow"
+    _thresholds: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.density = check_fraction("density", self.density)
+
+    @property
+    def name(self) -> str:
+        return "shadow-cal" if self.calibrated else "shadow"
 
     @property
     def point(self) -> str:
@@ -198,12 +205,19 @@ class Shadow(_Base):
         return bool(self._gate)
 
     def fit(self, model, trace=None) -> Shadow:
-        """Quantize every layer's gate and up (no data needed; ``trace`` is ignored)."""
-        gates, ups = {}, {}
+        """Quantize every layer's gate and up (no data needed unless ``calibrated``: then
+        the per-layer threshold on the approximate ``|h|`` comes from ``trace``'s inputs)."""
+        if self.calibrated:
+            _check_trace(trace, ("mlp_in",), "Shadow(calibrated=True)")
+        gates, ups, thresholds = {}, {}, {}
         for layer, w in _layer_weights(model).items():
             gates[layer] = dequantize_groups(*quantize_groups(w.gate, self.bits, self.group), self.group)
             ups[layer] = dequantize_groups(*quantize_groups(w.up, self.bits, self.group), self.group)
-        return dataclasses.replace(self, _gate=gates, _up=ups)
+            if self.calibrated and layer in trace.layers:
+                x = trace.mlp_inputs(layer).to(gates[layer].dtype)
+                approx = w.act(x @ gates[layer].T) * (x @ ups[layer].T)
+                thresholds[layer] = layer_threshold(approx.abs(), self.density)
+        return dataclasses.replace(self, _gate=gates, _up=ups, _thresholds=thresholds)
 
     def at_density(self, density: float) -> Shadow:
         """The same quantized copies at another density (no re-quantization)."""
@@ -214,7 +228,10 @@ class Shadow(_Base):
         u = self._up[w.layer]
         xf = x.to(g.dtype)
         approx = w.act(xf @ g.T) * (xf @ u.T)
-        m = top_share(approx.abs(), self.density)
+        if self.calibrated:
+            m = approx.abs() > _need(self._thresholds, w.layer, "Shadow(calibrated=True)")
+        else:
+            m = top_share(approx.abs(), self.density)
         extra = 2 * quantized_bytes(tuple(w.gate.shape), self.bits, self.group)
         return Selection(gate_rows=m, up_rows=m, down_rows=m, extra_bytes=extra)
 
@@ -222,12 +239,20 @@ class Shadow(_Base):
 @dataclass(repr=False)
 class TEAL(_Base):
     """Gate and up read the input channels with ``|x_j|`` above a per-layer threshold that
-    keeps ``x_keep`` of them on training text; down reads the top ``h_keep`` of ``|h|``."""
+    keeps ``x_keep`` of them on training text; down reads the top ``h_keep`` of ``|h|``
+    (``calibrated=True``: the ``|h|`` above a per-layer threshold keeping ``h_keep`` of
+    the recorded ``h`` of training text)."""
 
     x_keep: float
     h_keep: float
+    calibrated: bool = False
     _thresholds: dict = field(default_factory=dict)
-    name = "teal"
+    _down_thresholds: dict = field(default_factory=dict)
+    base_name = "teal"
+
+    @property
+    def name(self) -> str:
+        return f"{self.base_name}-cal" if self.calibrated else self.base_name
 
     def __post_init__(self) -> None:
         self.x_keep = check_fraction("x_keep", self.x_keep)
@@ -249,18 +274,27 @@ class TEAL(_Base):
 
     def fit(self, model, trace):
         _check_trace(trace, ("mlp_in",), type(self).__name__)
+        if self.calibrated:
+            _check_trace(trace, ("h",), type(self).__name__ + "(calibrated=True)")
         weights = _layer_weights(model)
-        thresholds = {}
+        thresholds, down = {}, {}
         for layer in trace.layers:
-            x = trace.mlp_inputs(layer).to(weights[layer].gate.dtype)
-            thresholds[int(layer)] = layer_threshold(self._channel_scores(x, weights[layer]), self.x_keep)
-        return dataclasses.replace(self, _thresholds=thresholds)
+            w = weights[layer]
+            x = trace.mlp_inputs(layer).to(w.gate.dtype)
+            thresholds[int(layer)] = layer_threshold(self._channel_scores(x, w), self.x_keep)
+            if self.calibrated:
+                h = trace.activations(layer).to(w.gate.dtype)
+                down[int(layer)] = layer_threshold(self._down_scores(h, w), self.h_keep)
+        return dataclasses.replace(self, _thresholds=thresholds, _down_thresholds=down)
 
     def select(self, x: torch.Tensor, w: MLPWeights) -> Selection:
         t = _need(self._thresholds, w.layer, type(self).__name__)
         inputs = self._channel_scores(x, w) > t
         h = w.h(x * inputs.to(x.dtype))
-        down = top_share(self._down_scores(h, w), self.h_keep)
+        if self.calibrated:
+            down = self._down_scores(h, w) > _need(self._down_thresholds, w.layer, type(self).__name__)
+        else:
+            down = top_share(self._down_scores(h, w), self.h_keep)
         return Selection(inputs=inputs, down_rows=down)
 
 
@@ -270,7 +304,7 @@ class WINA(TEAL):
     gate's and up's column ``j`` together; neuron ``i`` by ``|h_i|`` times the norm of
     down's column ``i``."""
 
-    name = "wina"
+    base_name = "wina"
 
     def _channel_scores(self, x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
         norms = (w.gate.pow(2).sum(0) + w.up.pow(2).sum(0)).sqrt()
