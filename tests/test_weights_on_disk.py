@@ -226,3 +226,58 @@ def test_dense_from_disk_and_bad_options(weight_path):
     with pytest.raises(ValueError, match="cache_window"):
         sparsify(model, threshold_predictors(), cache_window=0)
     assert torch.equal(logits(model), dense)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def test_mincore_and_io_counters_see_what_a_kernel_reads(weight_path):
+    """After drop_pages nothing is resident; the by-index kernel over 1 neuron in 10 of one
+    layer makes exactly the pages of those neurons' records resident, and (on a block
+    device) /proc/self/io counts them as read from storage."""
+    import mmap
+
+    from sparselab.evaluation.storage import StorageCounter
+
+    wf = MLPWeightFile(weight_path)
+    wf.drop_pages()
+    if wf.resident_bytes():
+        pytest.skip("the file's pages cannot be dropped here (tmpfs?)")
+    idx = np.arange(0, N, 10)
+    with StorageCounter() as io:
+        _fast.BundleMLP(wf.layer(1), torch.float32, "silu")(torch.randn(1, H), idx)
+    record = 3 * H * 4
+    start = wf.data_offset + wf.layer_bytes * 1 + idx * record  # byte offsets in the file
+    pages = set()
+    for s in start:
+        pages.update(range(s // mmap.PAGESIZE, (s + record - 1) // mmap.PAGESIZE + 1))
+    vec = wf.resident_pages() & 1
+    touched = {p + wf.data_offset // mmap.PAGESIZE for p in np.flatnonzero(vec)}
+    assert touched == pages  # random advice: no read-ahead beyond the records touched
+    assert io.read_bytes in (0, len(pages) * mmap.PAGESIZE)  # 0 only where the fs has no block device
+    wf.drop_pages()
+    assert wf.resident_bytes() == 0
+
+
+def test_memory_cap_kills_a_child_over_it_and_lets_one_under_it_run():
+    import subprocess
+    import sys
+
+    from sparselab.evaluation.cgroup import CgroupUnavailable, MemoryCap
+
+    try:
+        cap = MemoryCap(64 * 2**20)
+    except CgroupUnavailable as err:
+        pytest.skip(str(err))
+    with cap:
+        code = "import numpy as np; a = np.ones({} * 2**20 // 8); print('ok')"
+        over = subprocess.run([sys.executable, "-c", code.format(160)], preexec_fn=cap.preexec,
+                              capture_output=True, text=True)
+        assert over.returncode == -9 and cap.failcnt > 0
+        cap.set_limit(400 * 2**20)
+        under = subprocess.run([sys.executable, "-c", code.format(160)], preexec_fn=cap.preexec,
+                               capture_output=True, text=True)
+        assert under.returncode == 0 and under.stdout.strip() == "ok"
+        assert cap.peak >= 160 * 2**20
+    assert not cap.path.exists()
+    with pytest.raises(ValueError, match="limit_bytes"):
+        MemoryCap(10)
