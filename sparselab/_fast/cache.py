@@ -127,11 +127,12 @@ class WeightCache:
         self._weights = (gate, up, dt)  # references keep the numpy views below valid
         self._src = (gate_np, up_np, dt_np)
         self._bundle = None
+        self._prefetch = None
         self._init_state(dtype, n_neurons, hidden, capacity)
 
     @classmethod
     def from_bundle(cls, bundle: np.ndarray, dtype: torch.dtype = torch.float32, capacity=None,
-                    *, n_threads=None) -> WeightCache:
+                    *, n_threads=None, prefetch=None) -> WeightCache:
         """A cache whose rows are filled from a bundled ``[I, 3, H]`` array (a neuron's gate
         row, up row and down column adjacent: one contiguous read per entering neuron), e.g.
         a memory-mapped :class:`~sparselab.runtime.weight_file.MLPWeightFile` layer.
@@ -140,6 +141,8 @@ class WeightCache:
             >>> cache.update(mask); y = cache.forward(x, "silu")
 
         The bundle is referenced, never copied; only entering neurons are read from it.
+        ``prefetch``: called with the entering neurons (int64, sorted) before they are
+        copied, e.g. :meth:`MLPWeightFile.prefetcher` to start their reads asynchronously.
         """
         bundle = check_bundle(bundle, "bundle", dtype)
         n_neurons, _, hidden = bundle.shape
@@ -153,6 +156,7 @@ class WeightCache:
         self._weights = ()
         self._src = ()
         self._bundle = bundle
+        self._prefetch = prefetch
         self._init_state(dtype, n_neurons, hidden, 0 if capacity is None else capacity)
         return self
 
@@ -320,6 +324,8 @@ class WeightCache:
 
         # commit: copies, then bookkeeping
         if self._bundle is not None:
+            if self._prefetch is not None and na:
+                self._prefetch(added)
             _cache.copy_in_bundle(self._bundle, self._gu_np, self._dt_np, added, in_slots, nt)
         else:
             gate_np, up_np, dt_src = self._src

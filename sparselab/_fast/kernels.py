@@ -113,10 +113,13 @@ class BundleMLP(IndexedMLP):
         >>> y = mlp(x, idx)            # == IndexedMLP(gate, up, down_t, "silu")(x, idx), bit for bit
 
     ``bundle`` is float32, or bfloat16 stored as uint16 bits (``dtype`` says which).
+    ``prefetch``: called with each call's index list before the kernel reads it (e.g.
+    :meth:`MLPWeightFile.prefetcher`, which starts the reads asynchronously).
     """
 
     def __init__(self, bundle: np.ndarray, dtype: torch.dtype, activation: str,
-                 n_threads=None) -> None:
+                 n_threads=None, prefetch=None) -> None:
+        self._prefetch = prefetch
         self._code = activation_code(activation)
         self._n_threads = None if n_threads is None else check_threads(n_threads)
         self._bundle = check_bundle(bundle, "bundle", dtype)
@@ -127,6 +130,8 @@ class BundleMLP(IndexedMLP):
         """As :meth:`IndexedMLP.run_unchecked`, reading the bundle in place."""
         y = torch.empty(x32.shape, dtype=torch.float32)
         if x32.shape[0]:
+            if self._prefetch is not None and idx.size:
+                self._prefetch(None if idx.size == self.n_neurons else idx)
             nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
             _mlp.bundle_forward(self._bundle, idx, x32, y.numpy(), self._code, nt)
         return y

@@ -51,6 +51,7 @@ class RunState:
     records: list[StepStats] = field(default_factory=list)
     window: int = 1  # the weight cache holds the neurons of the last `window` steps
     weight_file: Any = None  # an MLPWeightFile: MLP weights read from it, not from the model
+    prefetch: bool = True  # start the reads of the rows a step needs before the kernel faults
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -117,9 +118,10 @@ class SparseMLP(nn.Module):
         if self.bundle is not None:
             from sparselab import _fast
 
-            self._indexed = _fast.BundleMLP(self.bundle, wf.dtype, state.activation)
+            prefetch = wf.prefetcher(spec.index) if state.prefetch else None
+            self._indexed = _fast.BundleMLP(self.bundle, wf.dtype, state.activation, prefetch=prefetch)
             if state.mode == "predicted" and state.use_cache:
-                self.cache = _fast.WeightCache.from_bundle(self.bundle, wf.dtype)
+                self.cache = _fast.WeightCache.from_bundle(self.bundle, wf.dtype, prefetch=prefetch)
         elif down_t is not None and state.kernel == "fast":
             from sparselab import _fast
 

@@ -126,6 +126,7 @@ def sparsify(
     record_stats: bool = True,
     weight_file=None,
     cache_window: int = 1,
+    prefetch: bool = True,
 ) -> SparseHandle:
     """Swap the gated MLPs of ``model`` for sparse ones, in place; returns a handle.
 
@@ -151,6 +152,8 @@ def sparsify(
       from RAM and read from the memory-mapped file (the cache's rows are filled from it,
       the direct kernel and dense prefill read it in place); ``restore()`` reads them back.
       Not with ``mode="oracle"``, ``kernel="torch"`` or ``prefill="per_token"``.
+      ``prefetch`` (default True): before a kernel reads a step's rows from the file, their
+      reads are started together (``madvise(MADV_WILLNEED)``) instead of one fault at a time.
     - ``cache_window``: the weight cache holds the neurons of the last ``k`` decode steps
       (LLM in a Flash's window; each step still computes only its own set).
 
@@ -261,7 +264,7 @@ def sparsify(
     runtime = RunState(mode=mode, activation=adapter.activation, predictors=predictors,
                        rule=rule, prefill=prefill, use_cache=use_cache, union=union,
                        kernel=kernel, record_stats=record_stats, window=int(cache_window),
-                       weight_file=weight_file)
+                       weight_file=weight_file, prefetch=bool(prefetch))
     config = {
         "mode": mode, "layers": list(chosen), "prefill": prefill, "use_cache": use_cache,
         "union": union, "kernel": kernel, "density": density,
@@ -269,7 +272,7 @@ def sparsify(
         "static_sizes": {i: int(v.numel()) for i, v in static_idx.items()} or None,
         "lookahead": bool(getattr(predictors, "lookahead", False)) if predictors is not None else None,
         "activation": adapter.activation, "dtype": str(dtype).replace("torch.", ""),
-        "cache_window": int(cache_window),
+        "cache_window": int(cache_window), "prefetch": bool(prefetch),
         "weight_file": None if weight_file is None else str(weight_file.path),
     }
     wrappers: dict[int, SparseMLP] = {}

@@ -241,6 +241,43 @@ class MLPWeightFile:
         start = self._addr + self.data_offset
         return _mincore(start, self.nbytes)
 
+    def prefetch(self, layer: int, neurons: np.ndarray | None = None) -> int:
+        """Ask the kernel to start reading the records of ``neurons`` of ``layer`` (all of
+        them with None) now, asynchronously (``madvise(MADV_WILLNEED)`` on their page
+        ranges, neighbours merged): the faults that follow wait for reads already in flight
+        instead of issuing one 4 kB read each. Returns the number of ranges advised.
+
+            >>> wf.prefetch(3, np.array([5, 6, 7, 900]))      # two ranges
+        """
+        if layer not in self._arrays:
+            raise ValueError(f"{self.path} holds layers {list(self.layers)}, not {layer}")
+        page = mmap.PAGESIZE
+        base = self.data_offset + self.layers.index(layer) * self.layer_bytes
+        if neurons is None:
+            starts = np.array([base], dtype=np.int64)
+            ends = starts + self.layer_bytes
+        else:
+            nb = np.sort(np.asarray(neurons, dtype=np.int64))
+            if nb.size == 0:
+                return 0
+            record = self.layer_bytes // self.n_neurons
+            # runs of consecutive neurons become one range
+            brk = np.flatnonzero(np.diff(nb) != 1) + 1
+            first = np.concatenate([nb[:1], nb[brk]])
+            last = np.concatenate([nb[brk - 1], nb[-1:]])
+            starts = base + first * record
+            ends = base + (last + 1) * record
+        starts = starts // page * page
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            self._mm.madvise(mmap.MADV_WILLNEED, a, b - a)
+        return int(starts.size)
+
+    def prefetcher(self, layer: int):
+        """``prefetch`` bound to ``layer``: a callable ``f(neurons)`` for the kernels."""
+        if layer not in self._arrays:
+            raise ValueError(f"{self.path} holds layers {list(self.layers)}, not {layer}")
+        return lambda neurons=None: self.prefetch(layer, neurons)
+
     def drop_pages(self) -> None:
         """Evict the file's pages from this mapping and from the page cache
         (``madvise(MADV_DONTNEED)`` then ``posix_fadvise(POSIX_FADV_DONTNEED)``), so the next
