@@ -318,11 +318,48 @@ def _projection_params(spec) -> list[nn.Parameter]:
     return [m.weight for m in mods]
 
 
-def drop_layer_weights(spec) -> None:
-    """Replace a layer's gate/up/down weights by empty tensors (their memory is freed once
-    nothing else holds it); :func:`restore_layer_weights` reads them back from the file."""
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's file-backed mappings (``/proc/self/maps``)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/") and parts[4] != "0":
+            a, b = (int(x, 16) for x in parts[0].split("-"))
+            out.append((a, b))
+    return out
+
+
+def _release_file_pages(t: torch.Tensor, mappings: list[tuple[int, int]]) -> int:
+    """``madvise(MADV_DONTNEED)`` on the whole pages of ``t`` when they lie in a file mapping
+    (weights loaded from safetensors share one private mapping of the file: dropping the
+    tensor frees nothing there). Returns the bytes released."""
+    global _libc
+    start, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    if not any(a <= start and start + nbytes <= b for a, b in mappings):
+        return 0
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + nbytes) // page * page
+    if hi <= lo:
+        return 0
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) != 0:  # MADV_DONTNEED
+        return 0
+    return hi - lo
+
+
+def drop_layer_weights(spec) -> int:
+    """Replace a layer's gate/up/down weights by empty tensors, so they leave RAM;
+    :func:`restore_layer_weights` reads them back from the file. Weights that live in a
+    file mapping (as loaded from safetensors) are also released from it (their pages are
+    dropped; the mapping, shared with the other weights, stays). Returns those bytes."""
+    mappings = _file_mappings()
+    released = 0
     for p in _projection_params(spec):
+        released += _release_file_pages(p.data, mappings)
         p.data = torch.empty(0, dtype=p.dtype)
+    return released
 
 
 def restore_layer_weights(spec, weight_file: MLPWeightFile) -> None:
