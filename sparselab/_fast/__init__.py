@@ -31,7 +31,7 @@ import torch
 from sparselab._fast import _mlp
 from sparselab._fast._validate import ACTIVATIONS, MAX_THREADS
 from sparselab._fast.cache import UpdateStats, WeightCache
-from sparselab._fast.kernels import IndexedMLP, sparse_mlp
+from sparselab._fast.kernels import BundleMLP, IndexedMLP, sparse_mlp
 from sparselab._fast.masks import (
     WORD_BITS,
     indices,
@@ -49,6 +49,7 @@ __all__ = [
     "ACTIVATIONS",
     "MAX_THREADS",
     "WORD_BITS",
+    "BundleMLP",
     "IndexedMLP",
     "LowRankSelector",
     "UpdateStats",

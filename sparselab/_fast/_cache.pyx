@@ -41,6 +41,28 @@ def copy_in(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1
     return None
 
 
+def copy_in_bundle(const wtype[:, :, ::1] bundle, wtype[:, :, ::1] gate_up_buf,
+                   wtype[:, ::1] down_t_buf, const int64_t[::1] neurons,
+                   const int64_t[::1] slots, int n_threads):
+    """Like :func:`copy_in` from a bundled ``[I, 3, H]`` source (gate row, up row, down
+    column of a neuron adjacent, e.g. a memory-mapped weight file): one contiguous read
+    of ``3 * H`` elements per neuron."""
+    cdef Py_ssize_t m = neurons.shape[0], h = bundle.shape[2], p
+    cdef size_t row_bytes = h * sizeof(wtype)
+    cdef int64_t j, s
+    if m == 0:
+        return None
+    if m < 64:
+        n_threads = 1
+    with nogil:
+        for p in prange(m, num_threads=n_threads, schedule='static'):
+            j = neurons[p]
+            s = slots[p]
+            memcpy(&gate_up_buf[s, 0, 0], &bundle[j, 0, 0], 2 * row_bytes)
+            memcpy(&down_t_buf[s, 0], &bundle[j, 2, 0], row_bytes)
+    return None
+
+
 def copy_in_columns(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down,
                     wtype[:, :, ::1] gate_up_buf, wtype[:, ::1] down_t_buf,
                     const int64_t[::1] neurons, const int64_t[::1] slots, int n_threads):

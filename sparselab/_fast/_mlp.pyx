@@ -315,6 +315,33 @@ def cache_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t, Py
     return None
 
 
+def bundle_forward(const wtype[:, :, ::1] bundle, const int64_t[::1] idx, const float[:, ::1] x,
+                   float[:, ::1] y, int act, int n_threads):
+    """By index over a bundled ``[I, 3, H]`` array (a neuron's gate row, up row and down
+    column stored together, e.g. a memory-mapped weight file), read in place."""
+    cdef Py_ssize_t n = idx.shape[0], bsz = x.shape[0], h = x.shape[1]
+    if n == 0:
+        y[:, :] = 0.0
+        return None
+    _run(&bundle[0, 0, 0], &bundle[0, 1, 0], 3 * h, &bundle[0, 2, 0], 3 * h, &idx[0], n,
+         &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
+    return None
+
+
+def slots_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t,
+                  const int64_t[::1] slots, const float[:, ::1] x, float[:, ::1] y, int act,
+                  int n_threads):
+    """By index over a cache's buffers: only the slots ``slots`` (a windowed cache holds
+    more rows than the step computes)."""
+    cdef Py_ssize_t n = slots.shape[0], bsz = x.shape[0], h = x.shape[1]
+    if n == 0:
+        y[:, :] = 0.0
+        return None
+    _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, &slots[0], n,
+         &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
+    return None
+
+
 def build_info():
     """Facts about this build: OpenMP, OpenMP's default thread count, SIMD macros."""
     cdef int f = sl_simd_flags()

@@ -150,3 +150,24 @@ def resolve_out_dtype(out_dtype, dtype: torch.dtype) -> torch.dtype:
 def finish(y32: torch.Tensor, was_1d: bool, out_dtype: torch.dtype) -> torch.Tensor:
     y = y32 if out_dtype == torch.float32 else y32.to(out_dtype)
     return y[0] if was_1d else y
+
+
+_BUNDLE_NP = {torch.float32: np.float32, torch.bfloat16: np.uint16}
+
+
+def check_bundle(bundle, name: str, dtype: torch.dtype) -> np.ndarray:
+    """Check a bundled ``[I, 3, H]`` weight array (gate row, up row, down column of each
+    neuron adjacent; float32, or bfloat16 stored as uint16 bits) and return it as is (a
+    read-only memory map stays a memory map: nothing is copied)."""
+    if dtype not in _BUNDLE_NP:
+        raise ValueError(f"{name}: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if not isinstance(bundle, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array [I, 3, H], got {type(bundle).__name__}")
+    if bundle.ndim != 3 or bundle.shape[1] != 3 or bundle.shape[0] == 0 or bundle.shape[2] == 0:
+        raise ValueError(f"{name} must have shape [I, 3, H] (I, H > 0), got {bundle.shape}")
+    if bundle.dtype != _BUNDLE_NP[dtype]:
+        raise ValueError(f"{name} has numpy dtype {bundle.dtype}; {dtype} is stored as "
+                         f"{np.dtype(_BUNDLE_NP[dtype])}")
+    if not bundle.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    return bundle

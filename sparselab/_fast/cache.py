@@ -18,6 +18,7 @@ from sparselab._fast._validate import (
     activation_code,
     bits_view,
     bool_array,
+    check_bundle,
     check_tail,
     check_threads,
     check_weight,
@@ -125,10 +126,45 @@ class WeightCache:
 
         self._weights = (gate, up, dt)  # references keep the numpy views below valid
         self._src = (gate_np, up_np, dt_np)
+        self._bundle = None
+        self._prefetch = None
+        self._init_state(dtype, n_neurons, hidden, capacity)
+
+    @classmethod
+    def from_bundle(cls, bundle: np.ndarray, dtype: torch.dtype = torch.float32, capacity=None,
+                    *, n_threads=None, prefetch=None) -> WeightCache:
+        """A cache whose rows are filled from a bundled ``[I, 3, H]`` array (a neuron's gate
+        row, up row and down column adjacent: one contiguous read per entering neuron), e.g.
+        a memory-mapped :class:`~sparselab.runtime.weight_file.MLPWeightFile` layer.
+
+            >>> cache = WeightCache.from_bundle(weight_file.layer(3), torch.float32)
+            >>> cache.update(mask); y = cache.forward(x, "silu")
+
+        The bundle is referenced, never copied; only entering neurons are read from it.
+        ``prefetch``: called with the entering neurons (int64, sorted) before they are
+        copied, e.g. :meth:`MLPWeightFile.prefetcher` to start their reads asynchronously.
+        """
+        bundle = check_bundle(bundle, "bundle", dtype)
+        n_neurons, _, hidden = bundle.shape
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(
+                capacity, (int, np.integer)) or not 0 <= capacity <= n_neurons):
+            raise ValueError(f"capacity must be an int in [0, {n_neurons}], got {capacity!r}")
+        self = cls.__new__(cls)
+        self._n_threads = check_threads(n_threads)
+        self._columns = False
+        self._owned_down_bytes = 0
+        self._weights = ()
+        self._src = ()
+        self._bundle = bundle
+        self._prefetch = prefetch
+        self._init_state(dtype, n_neurons, hidden, 0 if capacity is None else capacity)
+        return self
+
+    def _init_state(self, dtype, n_neurons, hidden, capacity) -> None:
         self._dtype = dtype
         self._n_neurons = int(n_neurons)
         self._hidden = int(hidden)
-        self._itemsize = gate.element_size()
+        self._itemsize = torch.empty(0, dtype=dtype).element_size()
         self._mask = np.zeros(n_words(self._n_neurons), dtype=np.uint64)
         self._slot_of = np.full(self._n_neurons, -1, dtype=np.int64)
         self._n = 0
@@ -287,9 +323,14 @@ class WeightCache:
             self._totals["grows"] += 1
 
         # commit: copies, then bookkeeping
-        gate_np, up_np, dt_src = self._src
-        copy = _cache.copy_in_columns if self._columns else _cache.copy_in
-        copy(gate_np, up_np, dt_src, self._gu_np, self._dt_np, added, in_slots, nt)
+        if self._bundle is not None:
+            if self._prefetch is not None and na:
+                self._prefetch(added)
+            _cache.copy_in_bundle(self._bundle, self._gu_np, self._dt_np, added, in_slots, nt)
+        else:
+            gate_np, up_np, dt_src = self._src
+            copy = _cache.copy_in_columns if self._columns else _cache.copy_in
+            copy(gate_np, up_np, dt_src, self._gu_np, self._dt_np, added, in_slots, nt)
         if mv_src.size:
             _cache.move_slots(self._gu_np, self._dt_np, mv_src, mv_dst)
         order = self._order
@@ -332,3 +373,43 @@ class WeightCache:
         return finish(y, was_1d, od)
 
     __call__ = forward
+
+    def forward_neurons(self, x, neurons, activation: str, n_threads=None,
+                        out_dtype=None) -> torch.Tensor:
+        """The sparse MLP over some of the cached neurons only (a windowed cache holds the
+        last k tokens' neurons but a step computes its own set).
+
+            >>> y = cache.forward_neurons(x, idx, "silu")   # == sparse_mlp(x, ..., idx, "silu")
+
+        ``neurons``: 1-D unique integer neuron ids, every one held by the cache (else
+        ``ValueError``). Returns what the by-index kernel over the full weights returns.
+        """
+        code = activation_code(activation)
+        nt = check_threads(n_threads)
+        od = resolve_out_dtype(out_dtype, self._dtype)
+        arr = np.asarray(neurons)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise ValueError(f"neurons must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self._n_neurons):
+            raise ValueError(f"neurons must be in [0, {self._n_neurons})")
+        if np.unique(arr).size != arr.size:
+            raise ValueError("neurons contains duplicates")
+        slots = self._slot_of[arr]
+        if arr.size and slots.min() < 0:
+            raise ValueError(f"neuron {int(arr[slots < 0][0])} is not in the cache")
+        x32, was_1d = prep_x(x, self._hidden, self._dtype)
+        return finish(self.forward_slots_unchecked(x32, slots, code, nt), was_1d, od)
+
+    def forward_slots_unchecked(self, x32: np.ndarray, slots: np.ndarray, code: int,
+                                n_threads: int) -> torch.Tensor:
+        """:meth:`forward_neurons` on checked arguments: float32 ``x32`` ``[B, H]``, int64
+        cache ``slots`` (unique, held). Float32 ``[B, H]``."""
+        y = torch.empty(x32.shape, dtype=torch.float32)
+        if x32.shape[0]:
+            _mlp.slots_forward(self._gu_np, self._dt_np, np.ascontiguousarray(slots, np.int64),
+                               x32, y.numpy(), code, n_threads)
+        return y
+
+    def slots_of(self, neurons: np.ndarray) -> np.ndarray:
+        """Cache slots of ``neurons`` (-1 where a neuron is not held)."""
+        return self._slot_of[neurons]

@@ -17,6 +17,7 @@ from sparselab._fast import _masks, _mlp
 from sparselab._fast._validate import (
     activation_code,
     as_numpy,
+    check_bundle,
     check_threads,
     check_weight,
     finish,
@@ -24,7 +25,7 @@ from sparselab._fast._validate import (
     resolve_out_dtype,
 )
 
-__all__ = ["IndexedMLP", "sparse_mlp"]
+__all__ = ["BundleMLP", "IndexedMLP", "sparse_mlp"]
 
 
 def _index_array(active_idx, n_neurons: int) -> np.ndarray:
@@ -99,4 +100,38 @@ class IndexedMLP:
             nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
             _mlp.index_forward(self._gate_np, self._up_np, self._dt_np, idx, x32, y.numpy(),
                                self._code, nt)
+        return y
+
+
+class BundleMLP(IndexedMLP):
+    """The by-index sparse MLP over a bundled ``[I, 3, H]`` array: row ``j`` holds neuron
+    ``j``'s gate row, up row and down column together (one contiguous read per neuron), e.g.
+    a layer of a memory-mapped :class:`~sparselab.runtime.weight_file.MLPWeightFile`, read
+    in place.
+
+        >>> mlp = BundleMLP(weight_file.layer(3), torch.float32, "silu")
+        >>> y = mlp(x, idx)            # == IndexedMLP(gate, up, down_t, "silu")(x, idx), bit for bit
+
+    ``bundle`` is float32, or bfloat16 stored as uint16 bits (``dtype`` says which).
+    ``prefetch``: called with each call's index list before the kernel reads it (e.g.
+    :meth:`MLPWeightFile.prefetcher`, which starts the reads asynchronously).
+    """
+
+    def __init__(self, bundle: np.ndarray, dtype: torch.dtype, activation: str,
+                 n_threads=None, prefetch=None) -> None:
+        self._prefetch = prefetch
+        self._code = activation_code(activation)
+        self._n_threads = None if n_threads is None else check_threads(n_threads)
+        self._bundle = check_bundle(bundle, "bundle", dtype)
+        self.dtype = dtype
+        self.n_neurons, self.hidden = int(bundle.shape[0]), int(bundle.shape[2])
+
+    def run_unchecked(self, x32: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """As :meth:`IndexedMLP.run_unchecked`, reading the bundle in place."""
+        y = torch.empty(x32.shape, dtype=torch.float32)
+        if x32.shape[0]:
+            if self._prefetch is not None and idx.size:
+                self._prefetch(None if idx.size == self.n_neurons else idx)
+            nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
+            _mlp.bundle_forward(self._bundle, idx, x32, y.numpy(), self._code, nt)
         return y

@@ -16,6 +16,7 @@ from sparselab.models import ModelAdapter
 from sparselab.runtime.layout import untranspose_in_place
 from sparselab.runtime.sparse_mlp import RunState, SparseMLP
 from sparselab.runtime.stats import stats_frame
+from sparselab.runtime.weight_file import restore_layer_weights
 
 __all__ = ["SparseHandle"]
 
@@ -118,6 +119,8 @@ class SparseHandle:
                 setattr(spec.layer, spec.attr, wrapper.original)
             if wrapper.down_t is not None:
                 untranspose_in_place(spec.down_proj.weight, wrapper.down_t, scratch)
+            elif wrapper.bundle is not None:
+                restore_layer_weights(spec, self._rt.weight_file)
             wrapper.release()
         self.active = False
 

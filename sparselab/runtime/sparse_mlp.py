@@ -52,6 +52,9 @@ class RunState:
     records: list[StepStats] = field(default_factory=list)
     # method mode: layer -> [weight bytes read, tokens, dense MLP bytes per token]
     bytes_read: dict[int, list[float]] = field(default_factory=dict)
+    window: int = 1  # the weight cache holds the neurons of the last `window` steps
+    weight_file: Any = None  # an MLPWeightFile: MLP weights read from it, not from the model
+    prefetch: bool = True  # start the reads of the rows a step needs before the kernel faults
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -112,7 +115,17 @@ class SparseMLP(nn.Module):
         self.static_idx = static_idx
         self.cache = None
         self._indexed = None  # by-index kernel with the weights checked once
-        if down_t is not None and state.kernel == "fast":
+        # on disk: [I, 3, H] bundled rows of a memory-mapped MLPWeightFile, read in place
+        wf = state.weight_file
+        self.bundle = wf.layer(spec.index) if wf is not None else None
+        if self.bundle is not None:
+            from sparselab import _fast
+
+            prefetch = wf.prefetcher(spec.index) if state.prefetch else None
+            self._indexed = _fast.BundleMLP(self.bundle, wf.dtype, state.activation, prefetch=prefetch)
+            if state.mode == "predicted" and state.use_cache:
+                self.cache = _fast.WeightCache.from_bundle(self.bundle, wf.dtype, prefetch=prefetch)
+        elif down_t is not None and state.kernel == "fast":
             from sparselab import _fast
 
             gate_w, up_w = self._weights
@@ -120,9 +133,14 @@ class SparseMLP(nn.Module):
                 self.cache = _fast.WeightCache(gate_w, up_w, down_t=down_t)
             else:
                 self._indexed = _fast.IndexedMLP(gate_w, up_w, down_t, state.activation)
+        if self.cache is not None and state.window > 1:
+            from sparselab.runtime.window import WindowedCache
+
+            self.cache = WindowedCache(self.cache, state.window)
         # decode-step selection fused in C (scores, selection, union) where it applies
         self._selector, self._form = (
-            _fused_selector(state, spec.index) if self._weights is not None and state.kernel == "fast"
+            _fused_selector(state, spec.index)
+            if (self._weights is not None or self.bundle is not None) and state.kernel == "fast"
             else (None, None))
         self.lookahead_input: torch.Tensor | None = None
         self._prev = np.zeros(self.n_neurons, dtype=bool)  # last mask (numpy), for churn
@@ -140,6 +158,7 @@ class SparseMLP(nn.Module):
     def release(self) -> None:
         """Drop the kernels' views of the weights (the handle restores the layout first)."""
         self.down_t = None
+        self.bundle = None
         self.cache = None
         self._indexed = None
         self._selector = self._form = None
@@ -293,7 +312,11 @@ class SparseMLP(nn.Module):
     def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
         clock = self.rt.clock
         t0 = clock()
-        y = self.original(x)
+        if self.bundle is not None:  # the weights are on disk: every neuron, read in place
+            all_idx = np.arange(self.n_neurons, dtype=np.int64)
+            y = self._indexed(x.reshape(-1, x.shape[-1]), all_idx).reshape(x.shape)
+        else:
+            y = self.original(x)
         self._record("prefill", _n_rows(x), None, StepTimes(mlp=clock() - t0), active=self.n_neurons)
         return y
 

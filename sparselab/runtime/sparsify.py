@@ -48,6 +48,7 @@ from sparselab.prediction.static import static_from_trace
 from sparselab.runtime.handle import SparseHandle
 from sparselab.runtime.layout import transpose_in_place, untranspose_in_place
 from sparselab.runtime.sparse_mlp import RunState, SparseMLP, model_pre_hook
+from sparselab.runtime.weight_file import drop_layer_weights
 
 __all__ = ["KERNELS", "PREFILLS", "SPARSIFY_MODES", "AlreadySparsifiedError", "is_sparsified", "sparsify"]
 
@@ -129,6 +130,9 @@ def sparsify(
     kernel: str = "fast",
     record_stats: bool = True,
     method=None,
+    weight_file=None,
+    cache_window: int = 1,
+    prefetch: bool = True,
 ) -> SparseHandle:
     """Swap the gated MLPs of ``model`` for sparse ones, in place; returns a handle.
 
@@ -152,6 +156,15 @@ def sparsify(
     - ``method``: a fitted :class:`~sparselab.prediction.selection.SelectionMethod`
       (mode ``"method"``, also when passed as ``predictors``); ``prefill``, ``use_cache``,
       ``union`` and ``kernel`` do not apply to it (every token gets its own selection).
+    - ``weight_file``: an :class:`~sparselab.runtime.weight_file.MLPWeightFile` (or its
+      path) written from this model: the sparsified layers' MLP weights are then dropped
+      from RAM and read from the memory-mapped file (the cache's rows are filled from it,
+      the direct kernel and dense prefill read it in place); ``restore()`` reads them back.
+      Not with ``mode="oracle"``, ``kernel="torch"`` or ``prefill="per_token"``.
+      ``prefetch`` (default True): before a kernel reads a step's rows from the file, their
+      reads are started together (``madvise(MADV_WILLNEED)``) instead of one fault at a time.
+    - ``cache_window``: the weight cache holds the neurons of the last ``k`` decode steps
+      (LLM in a Flash's window; each step still computes only its own set).
 
     Every argument is checked before the model is touched: a ``ValueError`` names the
     problem and leaves the model unchanged.
@@ -168,6 +181,17 @@ def sparsify(
     check_choice("prefill", prefill, PREFILLS)
     if density is not None:
         density = check_fraction("density", density)
+    if isinstance(cache_window, bool) or not isinstance(cache_window, (int, np.integer)) or cache_window < 1:
+        raise ValueError(f"cache_window must be an int >= 1, got {cache_window!r}")
+    if weight_file is not None:
+        from sparselab.runtime.weight_file import MLPWeightFile
+
+        if mode in ("oracle", "method") or kernel != "fast" or prefill == "per_token":
+            raise ValueError("weight_file= runs the fast kernels from disk: not with mode='oracle', "
+                             "mode='method', kernel='torch' or prefill='per_token' (they need the "
+                             "weights in RAM)")
+        if not isinstance(weight_file, MLPWeightFile):
+            weight_file = MLPWeightFile(weight_file)
     if rule is not None and not isinstance(rule, Rule):
         raise ValueError(f"rule must be a sparselab.rules rule, got {type(rule).__name__}")
     adapter = adapter_for(model)
@@ -257,10 +281,14 @@ def sparsify(
                     if not w.is_contiguous():
                         raise ValueError(f"layer {i}: gate/up weights are not contiguous")
 
+    if weight_file is not None:
+        weight_file.check_model(model, chosen)
+
     # ---- build (undo everything if anything fails) --------------------------------------
     runtime = RunState(mode=mode, activation=adapter.activation, predictors=predictors,
                        rule=rule, prefill=prefill, use_cache=use_cache, union=union,
-                       kernel=kernel, record_stats=record_stats, method=method)
+                       kernel=kernel, record_stats=record_stats, method=method,
+                       window=int(cache_window), weight_file=weight_file, prefetch=bool(prefetch))
     config = {
         "mode": mode, "layers": list(chosen), "prefill": prefill, "use_cache": use_cache,
         "union": union, "kernel": kernel, "density": density,
@@ -268,6 +296,8 @@ def sparsify(
         "static_sizes": {i: int(v.numel()) for i, v in static_idx.items()} or None,
         "lookahead": bool(getattr(predictors, "lookahead", False)) if predictors is not None else None,
         "activation": adapter.activation, "dtype": str(dtype).replace("torch.", ""),
+        "cache_window": int(cache_window), "prefetch": bool(prefetch),
+        "weight_file": None if weight_file is None else str(weight_file.path),
     }
     if method is not None:
         config["method"] = method.describe()
@@ -282,7 +312,8 @@ def sparsify(
             # the model's own activation module: density 1.0 is then bit-identical to dense
             act_fn = activation_module(spec.mlp) or adapter.act_fn
             down = spec.down_proj.weight
-            down_t = transpose_in_place(down, scratch) if mode not in ("oracle", "method") else None
+            down_t = (transpose_in_place(down, scratch)
+                      if mode not in ("oracle", "method") and weight_file is None else None)
             try:
                 wrapper = SparseMLP(spec, runtime, act_fn, down_t=down_t,
                                     static_idx=static_idx.get(i))
@@ -292,6 +323,8 @@ def sparsify(
                 raise
             wrappers[i] = wrapper
             setattr(spec.layer, spec.attr, wrapper)
+            if weight_file is not None:
+                drop_layer_weights(spec)
             if mode == "predicted" and predictors.lookahead:
                 hooks.append(_attach_lookahead(spec, wrapper))
     except BaseException:
