@@ -127,7 +127,7 @@ def worker(spec: dict) -> dict:
         st = handle.stats()
         dec = st[(st.phase == "decode") & (st.step >= spec["warmup"])]
         per_step = dec.groupby("step")
-        res["density"] = float(dec.density.mean())
+        res["measured_density"] = float(dec.density.mean())
         res["rows_loaded_per_token"] = float(per_step.added.sum().mean()) if variant.startswith("cache") else None
         caches = handle.caches
         res["rows_held"] = int(sum(c.n_active for c in caches.values())) if caches else None
