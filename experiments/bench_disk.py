@@ -127,7 +127,7 @@ def worker(spec: dict) -> dict:
         st = handle.stats()
         dec = st[(st.phase == "decode") & (st.step >= spec["warmup"])]
         per_step = dec.groupby("step")
-        res["density"] = float(dec.density.mean())
+        res["measured_density"] = float(dec.density.mean())
         res["rows_loaded_per_token"] = float(per_step.added.sum().mean()) if variant.startswith("cache") else None
         caches = handle.caches
         res["rows_held"] = int(sum(c.n_active for c in caches.values())) if caches else None
@@ -138,21 +138,24 @@ def worker(spec: dict) -> dict:
 # ------------------------------------------------------------------------------ driver
 
 def runs_for(args) -> list[dict]:
-    runs = []
-    for cap in args.caps:
-        runs.append({"variant": "dense", "density": 1.0, "cap": cap, "window": 1, "advice": "normal"})
+    """The runs, most telling first (a sweep cut short keeps the headline): the first cap
+    (dense, direct, cache per density), the in-RAM references, the window sweep, other caps."""
+    def capped(cap):
+        out = [{"variant": "dense", "density": 1.0, "cap": cap, "window": 1, "advice": "normal"}]
         for d in args.densities:
-            runs.append({"variant": "direct", "density": d, "cap": cap, "window": 1, "advice": "random"})
-            runs.append({"variant": "cache", "density": d, "cap": cap, "window": 1, "advice": "random"})
-    for d, wcap in zip(args.densities, args.window_caps, strict=True):
-        for k in args.windows:
-            if k != 1:
-                runs.append({"variant": "cache", "density": d, "cap": wcap, "window": k,
-                             "advice": "random"})
+            out.append({"variant": "direct", "density": d, "cap": cap, "window": 1, "advice": "random"})
+            out.append({"variant": "cache", "density": d, "cap": cap, "window": 1, "advice": "random"})
+        return out
+
+    runs = capped(args.caps[0])
     d = max(args.densities)  # the same model all in RAM, no cap: the reference points
-    runs.append({"variant": "direct_ram", "density": d, "cap": None, "window": 1, "advice": "-"})
-    runs.append({"variant": "cache_ram", "density": d, "cap": None, "window": 1, "advice": "-"})
-    runs.append({"variant": "dense_ram", "density": 1.0, "cap": None, "window": 1, "advice": "-"})
+    runs += [{"variant": v, "density": dd, "cap": None, "window": 1, "advice": "-"}
+             for v, dd in (("dense_ram", 1.0), ("direct_ram", d), ("cache_ram", d))]
+    for d, wcap in zip(args.densities, args.window_caps, strict=True):
+        runs += [{"variant": "cache", "density": d, "cap": wcap, "window": k, "advice": "random"}
+                 for k in args.windows if k != 1]
+    for cap in args.caps[1:]:
+        runs += capped(cap)
     return runs
 
 
@@ -164,16 +167,41 @@ def prepare_file(path: Path) -> None:
     write_mlp_file(model, path)
 
 
+def write(rows: list[dict], args, found) -> None:
+    """The results so far: ``<out>.csv``, ``.json`` (rows, config, versions) and ``.md``."""
+    import pandas as pd
+
+    import sparselab as sl
+    from sparselab.evaluation.suite_report import _md_table
+
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.drop(columns=["tokens"], errors="ignore").to_csv(out.with_suffix(".csv"), index=False)
+    meta = {"config": vars(args) | {"cgroup": found[0]}, "versions": sl.versions(),
+            "machine": {"cpus": os.cpu_count()}, "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+    cols = ["variant", "density", "cap", "window", "tok_s", "read_mb_per_token", "rows_loaded_per_token",
+            "rows_held", "rss_peak", "cgroup_peak", "weight_resident_end", "killed"]
+    table = df.reindex(columns=cols).copy()
+    for c in ("rss_peak", "cgroup_peak", "weight_resident_end"):
+        table[c] = (table[c] / 2**20).round(1)
+    out.with_suffix(".md").write_text(
+        f"# bench_disk ({found[0]} cgroup, {args.threads} thread(s), {args.tokens} timed decode tokens "
+        f"after max({args.warmup}, k) warm-up)\n\nMB columns are MiB; cap = share of the MLP file that fits "
+        "beside the rest of the process.\n\n" + _md_table(table, index=False) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(RESULTS / "bench_disk_smollm2"))
     ap.add_argument("--weight-file", default="/tmp/sparselab-disk/smollm2_135m.mlpw")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--caps", type=lambda s: None if s == "none" else float(s), nargs="+",
-                    default=[None, 0.5, 0.35])
+                    default=[0.5, None, 0.35], help="memory caps (share of the MLP file), the first is the headline")
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--window-caps", type=lambda s: None if s == "none" else float(s), nargs="+",
-                    default=[0.5, 0.75], help="the cap of the window sweep, one per density")
+                    default=[0.5, None], help="the cap of the window sweep, one per density")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=8, help="decode steps before timing (at least k)")
     ap.add_argument("--threads", type=int, default=1)
@@ -184,12 +212,9 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
 
-    import pandas as pd
     from tqdm.auto import tqdm
 
-    import sparselab as sl
     from sparselab.evaluation.cgroup import MemoryCap, cgroup_version
-    from sparselab.evaluation.suite_report import _md_table
 
     found = cgroup_version()
     if found is None:
@@ -224,26 +249,12 @@ def main() -> None:
                        failcnt=failcnt, error=proc.stderr.strip().splitlines()[-1:] if proc.stderr else None)
         row["wall_s"] = wall
         rows.append(row)
+        write(rows, args, found)  # after every run: a cut-short sweep keeps what it measured
         tqdm.write(f"{row['variant']:>10} d={row['density']} cap={row['cap']} k={row['window']}: "
                    + ("KILLED" if row.get("killed") else f"{row.get('tok_s', float('nan')):.2f} tok/s, "
                       f"{row.get('read_mb_per_token', float('nan')):.1f} MB read/token"))
-    df = pd.DataFrame(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    df.drop(columns=["tokens"], errors="ignore").to_csv(out.with_suffix(".csv"), index=False)
-    meta = {"config": vars(args) | {"cgroup": found[0]}, "versions": sl.versions(),
-            "machine": {"cpus": os.cpu_count()}, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
-    cols = ["variant", "density", "cap", "window", "tok_s", "read_mb_per_token", "rows_loaded_per_token",
-            "rows_held", "rss_peak", "cgroup_peak", "weight_resident_end", "killed"]
-    table = df.reindex(columns=cols).copy()
-    for c in ("rss_peak", "cgroup_peak", "weight_resident_end"):
-        table[c] = (table[c] / 2**20).round(1)
-    out.with_suffix(".md").write_text(
-        f"# bench_disk ({found[0]} cgroup, {args.threads} thread(s), {args.tokens} timed decode tokens "
-        f"after max({args.warmup}, k) warm-up)\n\nMB columns are MiB; cap = share of the MLP file that fits "
-        "beside the rest of the process.\n\n" + _md_table(table, index=False) + "\n")
-    print(out.with_suffix(".md").read_text())
+    write(rows, args, found)
+    print(Path(args.out).with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def speedups(runs: pd.DataFrame) -> pd.DataFrame:
     out["dense_mb_per_token"] = out.cap_label.map(dense.read_mb_per_token)
     out["speedup"] = out.tok_s / out.dense_tok_s
     out["read_ratio"] = out.read_mb_per_token / out.dense_mb_per_token
-    cols = ["variant", "density", "cap_label", "tok_s", "dense_tok_s", "speedup", "read_mb_per_token",
+    cols = ["variant", "density", "measured_density", "cap_label", "tok_s", "dense_tok_s", "speedup", "read_mb_per_token",
             "dense_mb_per_token", "read_ratio", "killed"]
     return out.reindex(columns=cols).reset_index(drop=True)
 
@@ -54,16 +54,20 @@ def memory_vs_dense(runs: pd.DataFrame) -> pd.DataFrame:
     """Peak memory of each surviving run against the dense model all in RAM: ``rss_peak``
     (the process's peak resident set: mapped weight pages included) and ``charged_peak``
     (the cgroup's peak: anonymous memory plus the page cache the run read), as a change
-    against the dense run's RSS peak (negative = less memory)."""
+    against the dense run's RSS peak (negative = less memory): ``rss_change`` and
+    ``charged_change``."""
     ram = runs[runs.variant == "dense_ram"]
     if ram.empty:
         raise ValueError("no dense_ram run to compare against")
     ref = float(ram.rss_peak.iloc[0])
     ok = runs[~runs.killed.astype(bool)].copy()
     ok["rss_change"] = ok.rss_peak / ref - 1
+    ok["charged_change"] = ok.cgroup_peak / ref - 1
+    ok.loc[ok.variant.str.endswith("_ram"), "charged_change"] = np.nan  # its file pages are charged elsewhere
     ok["dense_rss_peak"] = ref
     return ok.reindex(columns=["variant", "density", "cap_label", "window", "rss_peak", "cgroup_peak",
-                               "weight_resident_end", "dense_rss_peak", "rss_change"]).reset_index(drop=True)
+                               "weight_resident_end", "dense_rss_peak", "rss_change",
+                               "charged_change"]).reset_index(drop=True)
 
 
 def window_sweep(runs: pd.DataFrame) -> pd.DataFrame:
