@@ -53,6 +53,7 @@ _LAZY_MODULES = {
 _LAZY_ATTRS = {
     "dashboard": ("sparselab.viz.dashboard", "dashboard"),
     "report": ("sparselab.viz.report", "report"),
+    "sweep": ("sparselab.studies.sweep", "sweep"),
 }
 
 __all__ = [
