@@ -227,3 +227,20 @@ def test_memory_estimate_and_clear_error(model, tokenizer, dense, monkeypatch):
         sl.record(model, tokenizer, TEXTS, batch_size=3, progress=False)
     trace = sl.record(model, tokenizer, TEXTS, batch_size=3, progress=False, check_memory=False)
     assert trace.n_tokens == dense.n_tokens
+
+
+def test_recorder_streams_any_forward(model, tmp_path):
+    ids = torch.randint(3, VOCAB, (4, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), sl.Recorder(model, store=("h", "gate")) as rec:
+        model(input_ids=ids)
+        model(input_ids=ids[:2, :5])
+    with torch.no_grad(), sl.Recorder(model, store=("h", "gate"), out=tmp_path / "r.zarr", chunk_tokens=4) as srec:
+        model(input_ids=ids)
+        model(input_ids=ids[:2, :5])
+    streamed = srec.trace
+    assert isinstance(streamed, ZarrTrace) and streamed.n_tokens == 4 * 9 + 2 * 5
+    assert_same(rec.trace, streamed)
+    with pytest.raises(FileExistsError):
+        sl.Recorder(model, out=tmp_path / "r.zarr")
+    with pytest.raises(ValueError, match="nothing would be recorded"):
+        sl.Recorder(model, store=(), out=tmp_path / "s.zarr")
