@@ -54,6 +54,7 @@ _LAZY_ATTRS = {
     "dashboard": ("sparselab.viz.dashboard", "dashboard"),
     "report": ("sparselab.viz.report", "report"),
     "frontier": ("sparselab.evaluation.frontier", "frontier"),
+    "sweep": ("sparselab.studies.sweep", "sweep"),
 }
 
 __all__ = [

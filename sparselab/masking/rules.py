@@ -125,6 +125,10 @@ def calibrated_thresholds(trace, source: str, densities: Sequence[float],
     if source not in trace.arrays:
         raise KeyError(f"{source!r} was not recorded (recorded: {sorted(trace.arrays)}); "
                        f"record with store=(..., {source!r})")
+    if index is None and hasattr(trace.arrays[source], "to_dask"):  # a streamed (Zarr) trace
+        from sparselab.masking.chunked import chunked_thresholds
+
+        return chunked_thresholds(trace, source, values)
     index = MagnitudeIndex(trace.arrays[source]) if index is None else index
     return {d: {layer: index.threshold(i, d) for i, layer in enumerate(trace.layers)} for d in values}
 

@@ -68,6 +68,12 @@ class Recorder:
     any of ``("h", "gate", "mlp_in", "layer_in")``. ``dtype`` is the storage dtype of
     ``h`` and ``gate`` (fp16 halves the memory), ``input_dtype`` that of the inputs.
     Hooks are removed on exit, also when the body raises.
+
+    ``out="run.zarr"`` streams every forward pass to a new Zarr store instead of keeping
+    it in memory (:mod:`.zarr_store`; ``chunk_tokens``, ``compression`` set its chunks and
+    codec, ``masks=`` a fitted rule whose packed masks are stored too, ``store=()`` for
+    masks only); ``rec.trace`` is then the lazy ``Trace.open(out)``. Streamed tokens keep
+    the order the model computed them in (for ``record``: sequence, then position).
     """
 
     def __init__(
@@ -78,6 +84,10 @@ class Recorder:
         dtype: torch.dtype = torch.float16,
         input_dtype: torch.dtype = torch.float32,
         tokenizer=None,
+        out=None,
+        chunk_tokens: int | None = None,
+        compression: str | None = None,
+        masks=None,
     ) -> None:
         self.model = model
         self.adapter = adapter_for(model)
@@ -91,6 +101,20 @@ class Recorder:
         if unknown:
             raise ValueError(f"unknown arrays {sorted(unknown)}; choose from {ARRAYS}")
         self.dtype, self.input_dtype, self.tokenizer = dtype, input_dtype, tokenizer
+        self._hooked = self.store
+        if masks is None and hasattr(out, "append"):  # an open store keeps its own rule
+            masks = out._rule
+        if masks is not None:
+            from sparselab.masking.rules import Rule
+
+            if out is None:
+                raise ValueError("masks= is for streamed recordings: pass out= too")
+            if not isinstance(masks, Rule) or not masks.fitted:
+                raise ValueError("masks= must be a fitted sparselab.rules rule (call .fit(trace))")
+            if masks.source not in self.store:  # hooked to compute the masks, not stored
+                self._hooked = (*self.store, masks.source)
+        if not self._hooked:
+            raise ValueError("store is empty and no masks= rule: nothing would be recorded")
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._chunks: list[dict[str, Any]] = []
         self._call: _CallState | None = None
@@ -99,6 +123,10 @@ class Recorder:
         self._next_seq = 0
         self._trace: Trace | None = None
         self._started = time.time()
+        self._writer = None
+        if out is not None:
+            self._writer = out if hasattr(out, "append") else self._create_store(
+                out, chunk_tokens, compression, masks)
 
     # -- context management -------------------------------------------------------------
     def __enter__(self) -> Recorder:
@@ -132,13 +160,13 @@ class Recorder:
         reg(self.model.register_forward_hook(self._on_call_end))
         for i in self.layers:
             mlp = self.adapter.layers[i]
-            if "mlp_in" in self.store:
+            if "mlp_in" in self._hooked:
                 reg(mlp.mlp.register_forward_pre_hook(self._saver("mlp_in", i, from_input=True)))
-            if "gate" in self.store:
+            if "gate" in self._hooked:
                 reg(mlp.gate_proj.register_forward_hook(self._gate_saver(i)))
-            if "h" in self.store:
+            if "h" in self._hooked:
                 reg(mlp.down_proj.register_forward_pre_hook(self._saver("h", i, from_input=True)))
-            if "layer_in" in self.store:
+            if "layer_in" in self._hooked:
                 if mlp.input_norm is not None:
                     reg(mlp.input_norm.register_forward_hook(self._saver("layer_in", i)))
                 else:  # no input norm (OLMo 2): the decoder layer's input itself
@@ -221,17 +249,49 @@ class Recorder:
     def _commit(self, call: _CallState) -> None:
         idx = call.flat_index
         b, s = call.valid.shape
-        self._chunks.append(
-            {
-                "token_ids": call.token_ids.reshape(-1)[idx].numpy(),
-                "seq_ids": call.seq_ids[:, None].expand(b, s).reshape(-1)[idx].numpy(),
-                "positions": call.positions.reshape(-1)[idx].numpy(),
-                "steps": np.full(len(idx), call.step),
-                "is_prefill": np.full(len(idx), call.prefill),
-                "buffers": call.buffers,
-            }
-        )
+        chunk = {
+            "token_ids": call.token_ids.reshape(-1)[idx].numpy(),
+            "seq_ids": call.seq_ids[:, None].expand(b, s).reshape(-1)[idx].numpy(),
+            "positions": call.positions.reshape(-1)[idx].numpy(),
+            "steps": np.full(len(idx), call.step),
+            "is_prefill": np.full(len(idx), call.prefill),
+            "buffers": call.buffers,
+        }
         self._trace = None
+        if self._writer is None:
+            self._chunks.append(chunk)
+            return
+        pieces = None
+        if self._writer.pieces is not None:
+            pieces = self.tokenizer.batch_decode([[int(t)] for t in chunk["token_ids"]])
+        self._writer.append(chunk, call.buffers, pieces)
+        if self.auto_commit:  # record() commits once per batch, with the passages it held
+            self._writer.commit()
+
+    auto_commit = True
+
+    def _create_store(self, out, chunk_tokens, compression, masks):
+        from sparselab.recording.zarr_store import DEFAULT_CHUNK_TOKENS, ZarrWriter
+
+        hidden = int(self.model.config.get_text_config().hidden_size)
+        n = self.adapter.n_neurons
+        arrays = {
+            name: (hidden if name in ("mlp_in", "layer_in") else n,
+                   self.input_dtype if name in ("mlp_in", "layer_in") else self.dtype)
+            for name in self.store
+        }
+        return ZarrWriter.create(
+            out, self.layers, arrays, config=self.store_config(), meta=self._meta(),
+            chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS, compression=compression,
+            masks_rule=masks, n_neurons=n, pieces=self.tokenizer is not None,
+        )
+
+    def store_config(self) -> dict[str, Any]:
+        """What a resumed store must share with this recorder (checked on resume)."""
+        return {"layers": list(self.layers), "store": list(self.store),
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "input_dtype": str(self.input_dtype).replace("torch.", "")}
+
 
     # -- result -------------------------------------------------------------------------
     @property
@@ -241,6 +301,10 @@ class Recorder:
             # hooks fired without a whole-model forward (a submodule was called directly)
             self._commit(self._call)
             self._call = None
+        if self._writer is not None:
+            from sparselab.recording.zarr_store import open_trace
+
+            return open_trace(self._writer.path)
         if self._trace is None:
             self._trace = self._build()
         return self._trace
@@ -256,6 +320,8 @@ class Recorder:
         """
         if self.active:
             raise RuntimeError("take_trace() needs the recording to be finished (leave the with block)")
+        if self._writer is not None:
+            return self.trace
         trace = self.trace if self._trace is not None else self._build(release=True)
         self._chunks, self._trace = [], None
         return trace
@@ -295,9 +361,12 @@ class Recorder:
 
     def _meta(self) -> dict[str, Any]:
         from sparselab._version import versions
+        from sparselab.recording.zarr_store import weight_fingerprint
 
         return {
             "model": model_identity(self.model),
+            "model_check": {"identity": model_identity(self.model),
+                            "weights": weight_fingerprint(self.model)},
             "activation": self.adapter.activation,
             "store_dtype": str(self.dtype).replace("torch.", ""),
             "input_dtype": str(self.input_dtype).replace("torch.", ""),
@@ -306,6 +375,33 @@ class Recorder:
             "versions": versions(),
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self._started)),
         }
+
+
+class RecordingTooLarge(MemoryError):
+    """An in-memory recording that would not fit in the available memory (nothing was run)."""
+
+
+def estimate_trace_bytes(model: nn.Module, n_tokens: int, layers: Sequence[int] | None = None,
+                         store: Iterable[str] = ARRAYS, dtype: torch.dtype = torch.float16,
+                         input_dtype: torch.dtype = torch.float32) -> int:
+    """Bytes an in-memory trace of ``n_tokens`` tokens takes (the arrays; metadata is ~40 B/token).
+
+        >>> estimate_trace_bytes(model, 2048) / 2**30      # GiB for 2,048 tokens of SmolLM2
+    """
+    adapter = adapter_for(model)
+    n_layers = adapter.n_layers if layers is None else len(tuple(layers))
+    hidden = int(model.config.get_text_config().hidden_size)
+    per_layer = 0
+    for name in store:
+        features = hidden if name in ("mlp_in", "layer_in") else adapter.n_neurons
+        itemsize = (input_dtype if name in ("mlp_in", "layer_in") else dtype).itemsize
+        per_layer += features * itemsize
+    return int(n_tokens) * (n_layers * per_layer + 41)
+
+
+def _count_tokens(tokenizer, texts: Sequence[str], max_length: int) -> int:
+    lengths = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return sum(len(x) for x in lengths)
 
 
 def record(
@@ -318,12 +414,29 @@ def record(
     store: Iterable[str] = ARRAYS,
     dtype: torch.dtype = torch.float16,
     progress: bool = True,
+    *,
+    out=None,
+    resume: bool = False,
+    chunk_tokens: int | None = None,
+    compression: str | None = None,
+    masks=None,
+    check_memory: bool = True,
 ) -> Trace:
     """Run ``model`` over ``texts`` (padded batches, no KV cache) and record every token.
 
         >>> trace = sl.record(model, tokenizer, sl.load_corpus(n=16), max_length=128)
+        >>> trace = sl.record(model, tokenizer, texts, out="run.zarr")           # on disk
+        >>> trace = sl.record(model, tokenizer, texts, out="run.zarr", resume=True)
 
     Each text is truncated to ``max_length`` tokens; pad tokens are not recorded.
+
+    ``out``: stream to a Zarr store (see :mod:`.zarr_store`; memory bounded by one batch)
+    and return the lazy ``Trace.open(out)``; each batch is committed with the digests of
+    its passages. ``resume=True`` continues an existing store after its last committed
+    batch (same model, config and leading texts, else :class:`StoreMismatch` before any
+    work); a complete store is returned as is. In memory (no ``out``), the trace's size
+    is estimated first and :class:`RecordingTooLarge` raised if it exceeds the available
+    memory (``check_memory=False`` skips the check).
     """
     from tqdm.auto import tqdm
 
@@ -331,24 +444,104 @@ def record(
         raise TypeError("texts must be a list of strings, not one string")
     if not texts:
         raise ValueError("texts is empty")
+    if resume and out is None:
+        raise ValueError("resume=True needs out= (the store to continue)")
+    store = tuple(store)
     device = next(model.parameters()).device
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batches = range(0, len(texts), batch_size)
+    if out is None and check_memory:
+        import psutil
+
+        need = estimate_trace_bytes(model, _count_tokens(tokenizer, texts, max_length), layers,
+                                    store, dtype)
+        available = psutil.virtual_memory().available
+        if need > available:
+            raise RecordingTooLarge(
+                f"this recording needs ~{need / 2**30:.1f} GiB in memory but {available / 2**30:.1f} "
+                f"GiB are available: stream it to disk with out='run.zarr' (sl.Trace.open reads it "
+                f"lazily), or record fewer texts, layers or arrays (store=...)"
+            )
+    writer, start = None, 0
+    if out is not None:
+        writer, start = _open_writer(model, tokenizer, texts, out, resume, layers, store, dtype,
+                                     max_length, batch_size, chunk_tokens, compression, masks)
+        if writer is None:  # complete already
+            from sparselab.recording.zarr_store import open_trace
+
+            return open_trace(out)
+    batches = range(start, len(texts), batch_size)
     # right padding for plain forwards, but the caller's tokenizer (often set to left
     # padding for generate) must come back unchanged
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try:
-        with Recorder(model, layers=layers, store=store, dtype=dtype, tokenizer=tokenizer) as rec:
+        rec = Recorder(model, layers=layers, store=store, dtype=dtype, tokenizer=tokenizer,
+                       out=writer)
+        rec.auto_commit = False
+        rec._next_seq = start
+        with rec:
             with torch.no_grad():
-                for start in tqdm(batches, desc="recording", unit="batch", disable=not progress):
+                for first in tqdm(batches, desc="recording", unit="batch", disable=not progress,
+                                  initial=start // batch_size, total=-(-len(texts) // batch_size)):
+                    chunk = list(texts[first : first + batch_size])
                     batch = tokenizer(
-                        list(texts[start : start + batch_size]), return_tensors="pt",
+                        chunk, return_tensors="pt",
                         padding=True, truncation=True, max_length=max_length,
                     ).to(device)
                     model(**batch, use_cache=False)
+                    if writer is not None:
+                        from sparselab.recording.zarr_store import text_digest
+
+                        writer.commit(passages=[text_digest(t) for t in chunk],
+                                      n_seqs=first + len(chunk))
     finally:
         tokenizer.padding_side = padding_side
+    if writer is not None:
+        from sparselab.recording.zarr_store import open_trace
+
+        writer.commit(complete=True)
+        return open_trace(out)
     trace = rec.take_trace()
     trace.meta["record"] = {"max_length": max_length, "batch_size": batch_size, "n_texts": len(texts)}
     return trace
+
+
+def _open_writer(model, tokenizer, texts, out, resume, layers, store, dtype, max_length, batch_size,
+                 chunk_tokens, compression, masks):
+    """The store to write into and the first passage to record (checks before any work)."""
+    from pathlib import Path
+
+    from sparselab.recording.zarr_store import (
+        StoreMismatch,
+        ZarrWriter,
+        text_digest,
+        weight_fingerprint,
+    )
+
+    n = adapter_for(model).n_layers
+    config = {"layers": list(range(n)) if layers is None else [int(i) for i in layers],
+              "store": list(store), "dtype": str(dtype).replace("torch.", ""), "input_dtype": "float32"}
+    config.update({"max_length": int(max_length), "batch_size": int(batch_size),
+                   "masks_rule": None if masks is None else masks.describe()})
+    path = Path(out)
+    if path.exists() and resume:
+        check = {"identity": model_identity(model), "weights": weight_fingerprint(model)}
+        writer = ZarrWriter.resume(path, config, check)
+        done = list(writer.progress["passages"])
+        if len(done) > len(texts):
+            raise StoreMismatch(f"{path} holds {len(done)} passages, more than the {len(texts)} given")
+        mismatch = [i for i, t in enumerate(texts[: len(done)]) if text_digest(t) != done[i]]
+        if mismatch:
+            raise StoreMismatch(f"{path} holds other texts (passage {mismatch[0]} differs): "
+                                f"resume with the same texts, in the same order")
+        if len(done) == len(texts) and writer.progress.get("complete"):
+            return None, len(done)
+        return writer, len(done)
+    if path.exists():
+        raise FileExistsError(f"{path} exists: pass resume=True to continue it, or remove it")
+    rec = Recorder(model, layers=layers, store=store, dtype=dtype, tokenizer=tokenizer, out=out,
+                   chunk_tokens=chunk_tokens, compression=compression, masks=masks)
+    writer = rec._writer
+    writer.header["config"] = config
+    writer.group.attrs["sparselab"] = {**writer.group.attrs["sparselab"], "config": config}
+    return writer, 0

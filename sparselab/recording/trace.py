@@ -179,10 +179,22 @@ class Trace:
 
     # -- persistence --------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the trace to one safetensors file, atomically (see :mod:`.trace_file`)."""
+        """Write the trace to one safetensors file, atomically (see :mod:`.trace_file`), or
+        to a Zarr store when ``path`` ends in ``.zarr`` (see :mod:`.zarr_store`)."""
         from sparselab.recording.trace_file import save_trace
+        from sparselab.recording.zarr_store import is_zarr_path, write_zarr
 
-        return save_trace(self, path)
+        return write_zarr(self, path) if is_zarr_path(path) else save_trace(self, path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Trace:
+        """A Zarr store written by ``record(..., out=path)`` as a lazy trace (same API).
+
+            >>> trace = sl.Trace.open("run.zarr"); trace.activations(3)
+        """
+        from sparselab.recording.zarr_store import open_trace
+
+        return open_trace(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:
