@@ -51,6 +51,7 @@ cdef extern from "csrc/sl_kernels.h":
     int sl_isa_supported(int isa) noexcept nogil
     int sl_isa_best() noexcept nogil
     int sl_needs_xb(int is_bf16) noexcept nogil
+    void sl_prefetch_row(const void* p, long nbytes) noexcept nogil
     void sl_prep_xb(const float* x, long n, uint16_t* xb) noexcept nogil
     void sl_dot4_f32(const float* w0, const float* w1, const float* w2, const float* w3,
                      const float* x, long h, float* out) noexcept nogil
@@ -85,6 +86,14 @@ cdef inline float _act(float v, int act) noexcept nogil:
     else:
         return v if v > 0 else 0.0
 
+
+# bytes of the next pair's rows prefetched before a pair's dot products
+cdef long PF_BYTES = 512
+
+
+def _set_prefetch(long nbytes):
+    global PF_BYTES
+    PF_BYTES = nbytes
 
 cdef enum:
     # elements per block of the down pass: 1 KiB of fp32 y per row group
@@ -196,6 +205,7 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
     cdef Py_ssize_t p, r, c, c0, c1, nchunks, chunk, npairs
     cdef const wtype* g1
     cdef const wtype* u1
+    cdef const wtype* g1n
     cdef Py_ssize_t up_offset = up - gate
     memset(y, 0, bsz * h * sizeof(float))
     if n == 0:
@@ -231,6 +241,13 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
                 u1 = g1 + up_offset
                 if sc != NULL:
                     sc1 = sc + 3 * (idx[r + 1] if idx != NULL else r + 1)
+            if PF_BYTES > 0 and r + 3 < n:
+                g1n = _row(gate, gu_stride, idx, r + 2)
+                sl_prefetch_row(g1n, PF_BYTES)
+                sl_prefetch_row(g1n + up_offset, PF_BYTES)
+                g1n = _row(gate, gu_stride, idx, r + 3)
+                sl_prefetch_row(g1n, PF_BYTES)
+                sl_prefetch_row(g1n + up_offset, PF_BYTES)
             _gate_up_pair(_row(gate, gu_stride, idx, r), _row(gate, gu_stride, idx, r) + up_offset,
                           g1, u1, sc0, sc1, x, xb, bsz, h, act, hb + r * bsz, hb + (r + 1) * bsz)
         for c in prange(nchunks, num_threads=n_threads, schedule='static'):

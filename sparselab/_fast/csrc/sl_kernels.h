@@ -272,6 +272,9 @@ SL_T_512 static float sl_dot1_f32_512(const float* a, const float* b, long n) {
     return _mm512_reduce_add_ps(s);
 }
 
+#ifndef SL_PF_BF16
+#define SL_PF_BF16 1024
+#endif
 /* bf16 dot products with vdpbf16ps: 32 weights of a row per instruction, x as bf16 pairs.
  * (The instruction treats bf16 subnormals as zero and rounds its fp32 sums to nearest.) */
 SL_T_BF16 static void sl_dot4_bf16_dp(const uint16_t* w0, const uint16_t* w1,
@@ -279,6 +282,12 @@ SL_T_BF16 static void sl_dot4_bf16_dp(const uint16_t* w0, const uint16_t* w1,
                                       const uint16_t* xb, long h, float* out) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (long k = 0; k < h; k += 32) {
+        if (k + SL_PF_BF16 < h) {
+            _mm_prefetch((const char*)(w0 + k + SL_PF_BF16), _MM_HINT_T0);
+            _mm_prefetch((const char*)(w1 + k + SL_PF_BF16), _MM_HINT_T0);
+            _mm_prefetch((const char*)(w2 + k + SL_PF_BF16), _MM_HINT_T0);
+            _mm_prefetch((const char*)(w3 + k + SL_PF_BF16), _MM_HINT_T0);
+        }
         __mmask32 m = h - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (h - k)) - 1);
         __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xb + k);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + k), xv);
@@ -293,6 +302,14 @@ SL_T_BF16 static void sl_dot4_bf16_dp(const uint16_t* w0, const uint16_t* w1,
 
 /* ---------------------------------------------------------------- dispatch -------- */
 /* xp: scratch of bsz*h uint16 (the dpbf16 path's x as bf16); NULL-safe for other paths */
+/* warm the start of the next rows (the hardware prefetcher needs a few lines of a new
+ * stream before it runs ahead) */
+static inline void sl_prefetch_row(const void* p, long bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    const char* c = (const char*)p;
+    for (long o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+#endif
+}
 __attribute__((unused)) static int sl_needs_xb(int is_bf16) { return is_bf16 && sl_isa == SL_AVX512BF16; }
 
 __attribute__((unused)) static void sl_prep_xb(const float* x, long n, uint16_t* xb) {
