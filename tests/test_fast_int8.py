@@ -21,13 +21,13 @@ from sparselab.testing.reference import dense_reference
 PATHS = isa.supported()
 
 
-def int8_mlp(n, h, seed):
+def int8_mlp(n, h, seed, block=None):
     g = torch.Generator().manual_seed(seed)
     s = 1.0 / math.sqrt(h)
     gate = torch.randn(n, h, generator=g) * 2 * s
     up = torch.randn(n, h, generator=g) * s
     down = torch.randn(h, n, generator=g) * s
-    qg, qu, qd = quantize_int8(gate), quantize_int8(up), quantize_int8(down.t().contiguous())
+    qg, qu, qd = (quantize_int8(w, block) for w in (gate, up, down.t().contiguous()))
     x = torch.randn(3, h, generator=g)
     return qg, qu, qd, x
 
@@ -62,25 +62,29 @@ def test_quantizer_errors():
 
 
 def test_safetensors_round_trip(tmp_path):
-    qg, qu, qd, _ = int8_mlp(20, 16, 0)
-    save_int8(tmp_path / "l.safetensors", {"gate": qg, "up": qu, "down_t": qd})
+    qg, qu, qd, _ = int8_mlp(20, 64, 0)
+    qb = quantize_int8(qg.dequantize(), block=32)
+    save_int8(tmp_path / "l.safetensors", {"gate": qg, "up": qu, "down_t": qd, "blocks": qb})
     back = load_int8(tmp_path / "l.safetensors")
-    assert set(back) == {"gate", "up", "down_t"}
+    assert set(back) == {"gate", "up", "down_t", "blocks"}
     assert torch.equal(back["gate"].q, qg.q) and torch.equal(back["down_t"].scale, qd.scale)
+    assert isinstance(back["blocks"], Int8Blocks) and back["blocks"].block == 32
+    assert torch.equal(back["blocks"].dequantize(), qb.dequantize())
     from safetensors.torch import save_file
     save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a sparselab int8"):
         load_int8(tmp_path / "other.safetensors")
 
 
-@settings(deadline=None, max_examples=30)
+@settings(deadline=None, max_examples=40)
 @given(path=st.sampled_from(PATHS), n=st.sampled_from([1, 3, 64, 129]),
-       h=st.sampled_from([1, 15, 16, 17, 100, 257]), batch=st.sampled_from([1, 3]),
+       h=st.sampled_from([1, 15, 16, 17, 32, 100, 96, 257, 320]), batch=st.sampled_from([1, 3]),
        density=st.sampled_from([0.1, 0.5, 1.0]), n_threads=st.sampled_from([1, 2]),
-       x_bf16=st.booleans(), seed=st.integers(0, 10_000))
+       x_bf16=st.booleans(), blocks=st.booleans(), seed=st.integers(0, 10_000))
 def test_int8_kernels_match_float64_reference_of_dequantized_weights(
-        path, n, h, batch, density, n_threads, x_bf16, seed):
-    qg, qu, qd, x = int8_mlp(n, h, seed)
+        path, n, h, batch, density, n_threads, x_bf16, blocks, seed):
+    block = 32 if blocks and h % 32 == 0 else None
+    qg, qu, qd, x = int8_mlp(n, h, seed, block)
     x = x[:batch].to(torch.bfloat16) if x_bf16 else x[:batch]
     mask = np.random.default_rng(seed).random(n) < density
     g, u, dt = qg.dequantize(), qu.dequantize(), qd.dequantize()
@@ -100,8 +104,9 @@ def test_int8_kernels_match_float64_reference_of_dequantized_weights(
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_int8_bitwise_independent_of_thread_count_and_cache_churn(path):
-    qg, qu, qd, x = int8_mlp(301, 259, 4)
+@pytest.mark.parametrize("block", [None, 32])
+def test_int8_bitwise_independent_of_thread_count_and_cache_churn(path, block):
+    qg, qu, qd, x = int8_mlp(301, 288, 4, block)
     rng = np.random.default_rng(0)
     with isa.use(path):
         idx = np.flatnonzero(rng.random(301) < 0.4)
@@ -125,5 +130,11 @@ def test_int8_errors_change_nothing():
         _fast.sparse_mlp(x, qg, qu.dequantize(), qd, np.array([0]), "silu")
     with pytest.raises(ValueError, match="down_t="):
         _fast.WeightCache(qg, qu, qd)
+    qb = quantize_int8(torch.randn(10, 64), block=32)
+    with pytest.raises(ValueError, match="one int8 format"):
+        _fast.IndexedMLP(qb, qb, quantize_int8(torch.randn(10, 64)), "silu")
+    q16 = quantize_int8(torch.randn(10, 64), block=16)
+    with pytest.raises(ValueError, match="blocks of 32"):
+        _fast.IndexedMLP(q16, q16, q16, "silu")
     with pytest.raises(ValueError, match="float32 or bfloat16 x"):
         _fast.sparse_mlp(x.double(), qg, qu, qd, np.array([0]), "silu")

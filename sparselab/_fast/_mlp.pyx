@@ -66,6 +66,12 @@ cdef extern from "csrc/sl_kernels.h":
                        const uint16_t* d3, const float* a, long k0, long k1) noexcept nogil
     void sl_axpy4_i8(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
                      const int8_t* d3, const float* a, long k0, long k1) noexcept nogil
+    void sl_dot4_i8b(const int8_t* w0, const int8_t* w1, const int8_t* w2, const int8_t* w3,
+                     const float* c0, const float* c1, const float* c2, const float* c3,
+                     const float* x, long h, float* out) noexcept nogil
+    void sl_axpy4_i8b(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                      const int8_t* d3, const float* c0, const float* c1, const float* c2,
+                      const float* c3, const float* a, long k0, long k1) noexcept nogil
 
 ctypedef fused wtype:
     float
@@ -102,7 +108,7 @@ cdef enum:
 
 cdef inline void _gate_up_pair(const wtype* g0, const wtype* u0, const wtype* g1,
                                const wtype* u1, const float* sc0, const float* sc1,
-                               const float* x, const uint16_t* xb, Py_ssize_t bsz,
+                               Py_ssize_t nb, const float* x, const uint16_t* xb, Py_ssize_t bsz,
                                Py_ssize_t h, int act, float* out0, float* out1) noexcept nogil:
     """out0[b] = act(g0 . x[b]) * (u0 . x[b]) and the same for row 1, every batch row b.
 
@@ -110,8 +116,9 @@ cdef inline void _gate_up_pair(const wtype* g0, const wtype* u0, const wtype* g1
     independent FMA chains, which keeps more cache-line fills in flight than one row's two
     streams (measured ~25 % more bandwidth on one core at 3B shapes). ``g1``/``u1`` may be
     NULL (an odd row count): then row 0 is computed twice and row 1 not stored. int8:
-    ``sc0``/``sc1`` are the rows' (gate, up, down) scales; the down scale is folded into
-    ``h`` so the down pass is the same for every format.
+    ``sc0``/``sc1`` are the rows' ``[3, nb]`` (gate, up, down) scales. Per-row scales
+    (``nb == 1``): the down scale is folded into ``h``; per-block scales: the down pass
+    applies them.
     """
     cdef float s[4]
     cdef Py_ssize_t b
@@ -124,6 +131,8 @@ cdef inline void _gate_up_pair(const wtype* g0, const wtype* u0, const wtype* g1
             sl_dot4_f32(g0, u0, g1, u1, x + b * h, h, s)
         elif wtype is uint16_t:
             sl_dot4_bf16(g0, u0, g1, u1, x + b * h, xb + b * h if xb != NULL else NULL, h, s)
+        elif nb > 1:
+            sl_dot4_i8b(g0, u0, g1, u1, sc0, sc0 + nb, sc1, sc1 + nb, x + b * h, h, s)
         else:
             sl_dot4_i8(g0, u0, g1, u1, x + b * h, h, s)
             s[0] *= sc0[0]
@@ -133,11 +142,13 @@ cdef inline void _gate_up_pair(const wtype* g0, const wtype* u0, const wtype* g1
                 s[3] *= sc1[1]
         out0[b] = _act(s[0], act) * s[1]
         if wtype is int8_t:
-            out0[b] *= sc0[2]
+            if nb == 1:
+                out0[b] *= sc0[2]
         if two:
             out1[b] = _act(s[2], act) * s[3]
             if wtype is int8_t:
-                out1[b] *= sc1[2]
+                if nb == 1:
+                    out1[b] *= sc1[2]
 
 
 cdef inline const wtype* _row(const wtype* base, Py_ssize_t stride, const int64_t* idx,
@@ -145,9 +156,16 @@ cdef inline const wtype* _row(const wtype* base, Py_ssize_t stride, const int64_
     return base + (idx[r] if idx != NULL else r) * stride
 
 
+cdef inline const float* _dsc(const float* sc, Py_ssize_t nb, const int64_t* idx,
+                             Py_ssize_t r) noexcept nogil:
+    """Row ``r``'s per-block down scales in a ``[rows, 3, nb]`` scale array."""
+    return sc + (3 * (idx[r] if idx != NULL else r) + 2) * nb
+
+
 cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64_t* idx,
                              Py_ssize_t n, const float* hb, Py_ssize_t bsz, Py_ssize_t h,
-                             float* y, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+                             float* y, Py_ssize_t c0, Py_ssize_t c1, const float* sc,
+                             Py_ssize_t nb) noexcept nogil:
     """y[b, c0:c1] += sum_r hb[r, b] * down[row(r), c0:c1], four rows at a time.
 
     Four rows per pass over the chunk of ``y`` read and write ``y`` a quarter as often and
@@ -160,6 +178,10 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
     cdef const wtype* d3
     cdef float* yb
     cdef float a[4]
+    cdef const float* e0 = NULL
+    cdef const float* e1 = NULL
+    cdef const float* e2 = NULL
+    cdef const float* e3 = NULL
     r = 0
     while r < n:
         m = n - r
@@ -170,6 +192,12 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
         d1 = _row(down, d_stride, idx, r + 1) if m > 1 else d0
         d2 = _row(down, d_stride, idx, r + 2) if m > 2 else d0
         d3 = _row(down, d_stride, idx, r + 3) if m > 3 else d0
+        if wtype is int8_t:
+            if nb > 1:
+                e0 = _dsc(sc, nb, idx, r)
+                e1 = _dsc(sc, nb, idx, r + 1) if m > 1 else e0
+                e2 = _dsc(sc, nb, idx, r + 2) if m > 2 else e0
+                e3 = _dsc(sc, nb, idx, r + 3) if m > 3 else e0
         k0 = c0
         while k0 < c1:
             k1 = k0 + BLOCK
@@ -188,6 +216,8 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
                     sl_axpy4_f32(yb, d0, d1, d2, d3, a, k0, k1)
                 elif wtype is uint16_t:
                     sl_axpy4_bf16(yb, d0, d1, d2, d3, a, k0, k1)
+                elif nb > 1:
+                    sl_axpy4_i8b(yb, d0, d1, d2, d3, e0, e1, e2, e3, a, k0, k1)
                 else:
                     sl_axpy4_i8(yb, d0, d1, d2, d3, a, k0, k1)
             k0 = k1
@@ -196,8 +226,8 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
 
 cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
               const wtype* down, Py_ssize_t d_stride, const int64_t* idx, Py_ssize_t n,
-              const float* sc, const float* x, Py_ssize_t bsz, Py_ssize_t h, float* y, int act,
-              int n_threads) except -1:
+              const float* sc, Py_ssize_t nb, const float* x, Py_ssize_t bsz, Py_ssize_t h,
+              float* y, int act, int n_threads) except -1:
     cdef float* hb
     cdef uint16_t* xb = NULL
     cdef const float* sc0
@@ -222,9 +252,10 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
                 free(hb)
                 raise MemoryError("sparse MLP scratch buffer")
             sl_prep_xb(x, bsz * h, xb)
-    # one chunk per thread, 16-float aligned so chunks never share a cache line of y
+    # one chunk per thread, 32-float aligned so chunks never share a cache line of y and
+    # start on an int8 scale block
     nchunks = n_threads if h >= 64 * n_threads else 1
-    chunk = ((h + nchunks - 1) // nchunks + 15) // 16 * 16
+    chunk = ((h + nchunks - 1) // nchunks + 31) // 32 * 32
     npairs = (n + 1) // 2
     with nogil:
         for p in prange(npairs, num_threads=n_threads, schedule='static'):
@@ -234,13 +265,13 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
             sc0 = NULL
             sc1 = NULL
             if sc != NULL:
-                sc0 = sc + 3 * (idx[r] if idx != NULL else r)
+                sc0 = sc + 3 * nb * (idx[r] if idx != NULL else r)
                 sc1 = sc0
             if r + 1 < n:
                 g1 = _row(gate, gu_stride, idx, r + 1)
                 u1 = g1 + up_offset
                 if sc != NULL:
-                    sc1 = sc + 3 * (idx[r + 1] if idx != NULL else r + 1)
+                    sc1 = sc + 3 * nb * (idx[r + 1] if idx != NULL else r + 1)
             if PF_BYTES > 0 and r + 3 < n:
                 g1n = _row(gate, gu_stride, idx, r + 2)
                 sl_prefetch_row(g1n, PF_BYTES)
@@ -249,14 +280,15 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
                 sl_prefetch_row(g1n, PF_BYTES)
                 sl_prefetch_row(g1n + up_offset, PF_BYTES)
             _gate_up_pair(_row(gate, gu_stride, idx, r), _row(gate, gu_stride, idx, r) + up_offset,
-                          g1, u1, sc0, sc1, x, xb, bsz, h, act, hb + r * bsz, hb + (r + 1) * bsz)
+                          g1, u1, sc0, sc1, nb, x, xb, bsz, h, act, hb + r * bsz,
+                          hb + (r + 1) * bsz)
         for c in prange(nchunks, num_threads=n_threads, schedule='static'):
             c0 = c * chunk
             c1 = c0 + chunk
             if c1 > h:
                 c1 = h
             if c0 < c1:
-                _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1)
+                _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1, sc, nb)
     free(hb)
     if xb != NULL:
         free(xb)
@@ -265,40 +297,45 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
 
 def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,
                   const int64_t[::1] idx, const float[:, ::1] x, float[:, ::1] y, int act,
-                  int n_threads, const float[:, ::1] scales=None):
+                  int n_threads, const float[:, :, ::1] scales=None):
     """By index: rows ``idx`` of the full ``gate``/``up``/``down_t`` ``[I, H]``, in place.
-    int8 weights need ``scales [I, 3]`` (gate, up, down scale of each neuron)."""
+    int8 weights need ``scales [I, 3, nb]`` (gate, up, down scales of each neuron: one per
+    row, ``nb == 1``, or one per block of 32, ``nb == H / 32``)."""
     cdef Py_ssize_t n = idx.shape[0], bsz = x.shape[0], h = x.shape[1]
     cdef const float* sc = NULL
+    cdef Py_ssize_t nb = 1
     if n == 0:
         y[:, :] = 0.0
         return None
     if wtype is int8_t:
         if scales is None:
             raise ValueError("int8 weights need scales")
-        sc = &scales[0, 0]
-    _run(&gate[0, 0], &up[0, 0], h, &down_t[0, 0], h, &idx[0], n, sc, &x[0, 0], bsz, h,
+        sc = &scales[0, 0, 0]
+        nb = scales.shape[2]
+    _run(&gate[0, 0], &up[0, 0], h, &down_t[0, 0], h, &idx[0], n, sc, nb, &x[0, 0], bsz, h,
          &y[0, 0], act, n_threads)
     return None
 
 
 def cache_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t, Py_ssize_t n,
                   const float[:, ::1] x, float[:, ::1] y, int act, int n_threads,
-                  const float[:, ::1] scales=None):
+                  const float[:, :, ::1] scales=None):
     """Over the cache: the first ``n`` slots of a cache's ``gate_up [cap, 2, H]`` and
     ``down_t [cap, H]`` buffers, which are contiguous, so no index indirection. int8
-    weights need the slots' ``scales [cap, 3]``."""
+    weights need the slots' ``scales [cap, 3, nb]``."""
     cdef Py_ssize_t bsz = x.shape[0], h = x.shape[1]
     cdef const float* sc = NULL
+    cdef Py_ssize_t nb = 1
     if n == 0:
         y[:, :] = 0.0
         return None
     if wtype is int8_t:
         if scales is None:
             raise ValueError("int8 weights need scales")
-        sc = &scales[0, 0]
-    _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, NULL, n, sc, &x[0, 0],
-         bsz, h, &y[0, 0], act, n_threads)
+        sc = &scales[0, 0, 0]
+        nb = scales.shape[2]
+    _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, NULL, n, sc, nb,
+         &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
     return None
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sparselab._fast import _mlp
-from sparselab._fast.quant import Int8Rows
+from sparselab._fast.quant import Int8Blocks, Int8Rows
 
 ACTIVATIONS = ("silu", "gelu_tanh", "relu")
 _ACTIVATION_CODES = {"silu": _mlp.ACT_SILU, "gelu_tanh": _mlp.ACT_GELU_TANH, "relu": _mlp.ACT_RELU}
@@ -97,7 +97,7 @@ def check_weight(t, name: str, dtype=None) -> tuple[torch.Tensor, np.ndarray]:
     """Check a 2-D CPU weight and return it with a numpy view of its bits (uint16 for bf16).
     An :class:`~sparselab._fast.quant.Int8Rows` gives its int8 tensor (dtype ``torch.int8``;
     the caller takes the scales)."""
-    if isinstance(t, Int8Rows):
+    if isinstance(t, (Int8Rows, Int8Blocks)):
         if dtype is not None and dtype != torch.int8:
             raise ValueError(f"{name} is int8 but the other weights are {dtype}")
         q = t.q

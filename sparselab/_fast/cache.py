@@ -28,6 +28,7 @@ from sparselab._fast._validate import (
     word_array,
 )
 from sparselab._fast.masks import pack, xor_diff
+from sparselab._fast.quant import stacked_scales
 
 __all__ = ["UpdateStats", "WeightCache"]
 
@@ -130,8 +131,7 @@ class WeightCache:
         # int8: every neuron's (gate, up, down) scale; the cache keeps its slots' copy in _sc
         self._src_sc = None
         if dtype == torch.int8:
-            self._src_sc = np.ascontiguousarray(np.stack(
-                [gate_weight.scale.numpy(), up_weight.scale.numpy(), down_t.scale.numpy()], 1))
+            self._src_sc = stacked_scales(gate_weight, up_weight, down_t)
         self._dtype = dtype
         self._n_neurons = int(n_neurons)
         self._hidden = int(hidden)
@@ -145,7 +145,8 @@ class WeightCache:
     # -- buffers
 
     def _alloc(self, capacity: int) -> None:
-        self._sc = np.zeros((capacity, 3), np.float32) if self._src_sc is not None else None
+        self._sc = (np.zeros((capacity, 3, self._src_sc.shape[2]), np.float32)
+                    if self._src_sc is not None else None)
         self._gu = torch.empty((capacity, 2, self._hidden), dtype=self._dtype)
         self._dt = torch.empty((capacity, self._hidden), dtype=self._dtype)
         self._gu_np = bits_view(self._gu)
@@ -291,7 +292,7 @@ class WeightCache:
             _cache.copy_prefix(old_gu_np, old_dt_np, gu_np, dt_np, n_old)
             order[:n_old] = self._order[:n_old]
             if self._sc is not None:
-                sc = np.zeros((new_cap, 3), np.float32)
+                sc = np.zeros((new_cap, *self._src_sc.shape[1:]), np.float32)
                 sc[:n_old] = self._sc[:n_old]
                 self._sc = sc
             self._gu, self._dt, self._gu_np, self._dt_np, self._order = gu, dt, gu_np, dt_np, order

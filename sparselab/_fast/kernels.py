@@ -23,6 +23,7 @@ from sparselab._fast._validate import (
     prep_x,
     resolve_out_dtype,
 )
+from sparselab._fast.quant import stacked_scales
 
 __all__ = ["IndexedMLP", "sparse_mlp"]
 
@@ -84,8 +85,7 @@ class IndexedMLP:
         self._scales = None
         if gate.dtype == torch.int8:
             # per neuron: (gate, up, down) scale, read by the kernel next to the rows
-            self._scales = np.ascontiguousarray(np.stack(
-                [gate_weight.scale.numpy(), up_weight.scale.numpy(), down_t.scale.numpy()], 1))
+            self._scales = stacked_scales(gate_weight, up_weight, down_t)
         self._weights = (gate, up, dt)  # keep the tensors the numpy views point into alive
         self.dtype = gate.dtype
         self.n_neurons, self.hidden = int(gate.shape[0]), int(gate.shape[1])

@@ -1,5 +1,7 @@
-"""8-bit weights for the sparse kernels: symmetric int8 with one float32 scale per row.
+"""8-bit weights for the sparse kernels: symmetric int8 with float32 scales per row or
+per block of 32 weights.
 
+    >>> q = quantize_int8(mlp.gate_proj.weight, block=32)  # Int8Blocks: q int8, scale [I, H/32]
     >>> q = quantize_int8(mlp.gate_proj.weight)          # Int8Rows: q int8 [I, H], scale [I]
     >>> w = q.dequantize()                               # float32, what the kernels compute with
     >>> save_int8("layer.safetensors", {"gate": q}); load_int8("layer.safetensors")["gate"]
@@ -8,9 +10,10 @@
 nearest, ties to even). A row is one neuron (gate/up rows; a ``down_t`` row is one
 column of ``down_proj``), so the kernels fold the scale into one multiply per neuron and
 read 1 byte per weight. ``quantize_int8(w, block=32)`` gives per-block-of-32 scales
-(:class:`Int8Blocks`, like GGUF's Q8_0) for comparing quality; the kernels take per-row
-scales only (per-block scales would add 4 bytes per 32 weights and a multiply per block;
-see experiments/results/bench_kernels.md for the quality of both).
+(:class:`Int8Blocks`, like GGUF's Q8_0: 1.125 bytes per weight with float32 scales); the
+kernels take both (block 32 only). On SmolLM2-135M per-row scales cost +2.6 % perplexity,
+blocks of 32 +0.5 % (8 held-out passages): blocks are the default of
+``sl.sparsify(weights="int8")``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 __all__ = ["Int8Blocks", "Int8Rows", "load_int8", "quantize_int8", "save_int8"]
@@ -46,6 +50,10 @@ class Int8Rows:
     def dequantize(self) -> torch.Tensor:
         return self.q.to(torch.float32) * self.scale[:, None]
 
+    def scales2d(self) -> torch.Tensor:
+        """Scales as ``[I, n_blocks]`` (one block per row here)."""
+        return self.scale[:, None]
+
     def t(self) -> Int8Rows:
         """Requantized transpose (for ``down_t`` from ``down_proj``): rounds again."""
         return quantize_int8(self.dequantize().t().contiguous())
@@ -58,6 +66,24 @@ class Int8Blocks:
     q: torch.Tensor
     scale: torch.Tensor
     block: int
+
+    def __post_init__(self):
+        if not isinstance(self.q, torch.Tensor) or self.q.dtype != torch.int8 or self.q.dim() != 2:
+            raise ValueError("Int8Blocks.q must be a 2-D torch.int8 tensor")
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1 \
+                or self.q.shape[1] % self.block:
+            raise ValueError(f"Int8Blocks.block must divide the row length {self.q.shape[1]}")
+        want = (self.q.shape[0], self.q.shape[1] // self.block)
+        if not isinstance(self.scale, torch.Tensor) or self.scale.dtype != torch.float32 \
+                or tuple(self.scale.shape) != want:
+            raise ValueError(f"Int8Blocks.scale must be float32 {list(want)}")
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def scales2d(self) -> torch.Tensor:
+        return self.scale
 
     def dequantize(self) -> torch.Tensor:
         i, h = self.q.shape
@@ -102,21 +128,22 @@ def quantize_int8(w, block: int | None = None):
     return Int8Blocks(q.reshape(i, h).contiguous(), scale, block)
 
 
-def save_int8(path, weights: dict[str, Int8Rows], metadata: dict[str, str] | None = None) -> None:
-    """Store named :class:`Int8Rows` in a safetensors file (``name.q``, ``name.scale``)."""
+def save_int8(path, weights: dict, metadata: dict[str, str] | None = None) -> None:
+    """Store named :class:`Int8Rows` / :class:`Int8Blocks` in a safetensors file
+    (``name.q``, ``name.scale``: ``[I]`` per row, ``[I, H / block]`` per block)."""
     from safetensors.torch import save_file
 
     tensors = {}
     for name, w in weights.items():
-        if not isinstance(w, Int8Rows):
-            raise ValueError(f"{name}: expected Int8Rows, got {type(w).__name__}")
+        if not isinstance(w, (Int8Rows, Int8Blocks)):
+            raise ValueError(f"{name}: expected Int8Rows or Int8Blocks, got {type(w).__name__}")
         tensors[f"{name}.q"] = w.q.contiguous()
         tensors[f"{name}.scale"] = w.scale.contiguous()
     meta = {"format": "sparselab-int8-rows", **(metadata or {})}
     save_file(tensors, str(Path(path)), metadata=meta)
 
 
-def load_int8(path) -> dict[str, Int8Rows]:
+def load_int8(path) -> dict:
     """Read what :func:`save_int8` wrote."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -126,4 +153,25 @@ def load_int8(path) -> dict[str, Int8Rows]:
             raise ValueError(f"{path} is not a sparselab int8 file")
     t = load_file(str(path))
     names = sorted({k.rsplit(".", 1)[0] for k in t})
-    return {n: Int8Rows(t[f"{n}.q"], t[f"{n}.scale"]) for n in names}
+    out = {}
+    for n in names:
+        q, sc = t[f"{n}.q"], t[f"{n}.scale"]
+        out[n] = Int8Rows(q, sc) if sc.dim() == 1 else Int8Blocks(q, sc, q.shape[1] // sc.shape[1])
+    return out
+
+
+KERNEL_BLOCK = 32  # the kernels' block size (Int8Blocks of any other size are for study)
+
+
+def stacked_scales(gate, up, down_t) -> np.ndarray:
+    """The kernels' ``[I, 3, n_blocks]`` float32 scales of one layer's int8 weights;
+    ValueError unless all three share one format the kernels run."""
+
+    kinds = {(type(w), getattr(w, "block", None)) for w in (gate, up, down_t)}
+    if len(kinds) != 1:
+        raise ValueError("gate, up and down_t must share one int8 format (all per-row or all "
+                         "per-block with the same block)")
+    if isinstance(gate, Int8Blocks) and gate.block != KERNEL_BLOCK:
+        raise ValueError(f"the kernels take int8 blocks of {KERNEL_BLOCK}, got {gate.block}")
+    return np.ascontiguousarray(np.stack(
+        [gate.scales2d().numpy(), up.scales2d().numpy(), down_t.scales2d().numpy()], 1))

@@ -38,6 +38,7 @@ class SparseHandle:
         self.wrappers = wrappers
         self._hooks = hooks
         self.config = config
+        self.post_restore: list = []  # callables run by restore() after the layout is back
         self.active = True
 
     # -- info ------------------------------------------------------------------------------
@@ -100,6 +101,9 @@ class SparseHandle:
             if wrapper.down_t is not None:
                 untranspose_in_place(spec.down_proj.weight, wrapper.down_t, scratch)
             wrapper.release()
+        for fn in self.post_restore:  # after the down weights are back in their layout
+            fn()
+        self.post_restore.clear()
         self.active = False
 
     def __enter__(self) -> SparseHandle:

@@ -117,7 +117,41 @@ SL_DOT4_PORTABLE(sl_dot4_i8_c, int8_t, SL_LD_I8)
 SL_AXPY4_PORTABLE(sl_axpy4_f32_c, float, SL_LD_F32)
 SL_AXPY4_PORTABLE(sl_axpy4_bf16_c, uint16_t, SL_LD_BF16)
 SL_AXPY4_PORTABLE(sl_axpy4_i8_c, int8_t, SL_LD_I8)
+/* int8 with one scale per block of 32 weights; k0, k1 multiples of 32 */
+#define SL_QB 32
+static void sl_axpy4_i8b_c(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                           const int8_t* d3, const float* c0, const float* c1, const float* c2,
+                           const float* c3, const float* a, long k0, long k1) {
+    for (long kb = k0; kb < k1; kb += SL_QB) {
+        long b = kb / SL_QB;
+        float a0 = a[0] * c0[b], a1 = a[1] * c1[b], a2 = a[2] * c2[b], a3 = a[3] * c3[b];
+        for (long k = kb; k < kb + SL_QB; k++) {
+            float acc = y[k];
+            acc += a0 * (float)d0[k]; acc += a1 * (float)d1[k];
+            acc += a2 * (float)d2[k]; acc += a3 * (float)d3[k];
+            y[k] = acc;
+        }
+    }
+}
 #pragma GCC pop_options
+
+/* int8 with one scale per block of 32 weights (h a multiple of 32): c_i[k / 32] */
+static void sl_dot4_i8b_c(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                          const int8_t* w3, const float* c0, const float* c1, const float* c2,
+                          const float* c3, const float* x, long h, float* out) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (long k0 = 0; k0 < h; k0 += SL_QB) {
+        float b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+        for (long k = k0; k < k0 + SL_QB; k++) {
+            float xv = x[k];
+            b0 += (float)w0[k] * xv; b1 += (float)w1[k] * xv;
+            b2 += (float)w2[k] * xv; b3 += (float)w3[k] * xv;
+        }
+        long b = k0 / SL_QB;
+        s0 += b0 * c0[b]; s1 += b1 * c1[b]; s2 += b2 * c2[b]; s3 += b3 * c3[b];
+    }
+    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
 
 static float sl_dot1_f32_c(const float* a, const float* b, long n) {
     float s = 0;
@@ -209,6 +243,49 @@ SL_T_AVX2 static float sl_dot1_f32_avx2(const float* a, const float* b, long n) 
     return s;
 }
 
+SL_T_AVX2 static void sl_dot4_i8b_avx2(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                                       const int8_t* w3, const float* c0, const float* c1,
+                                       const float* c2, const float* c3, const float* x,
+                                       long h, float* out) {
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (long k0 = 0; k0 < h; k0 += SL_QB) {
+        __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+        for (long k = k0; k < k0 + SL_QB; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            b0 = _mm256_fmadd_ps(sl_ld8_i8(w0 + k), xv, b0);
+            b1 = _mm256_fmadd_ps(sl_ld8_i8(w1 + k), xv, b1);
+            b2 = _mm256_fmadd_ps(sl_ld8_i8(w2 + k), xv, b2);
+            b3 = _mm256_fmadd_ps(sl_ld8_i8(w3 + k), xv, b3);
+        }
+        long b = k0 / SL_QB;
+        t0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(c0[b]), t0);
+        t1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(c1[b]), t1);
+        t2 = _mm256_fmadd_ps(b2, _mm256_set1_ps(c2[b]), t2);
+        t3 = _mm256_fmadd_ps(b3, _mm256_set1_ps(c3[b]), t3);
+    }
+    out[0] = sl_hsum256(t0); out[1] = sl_hsum256(t1);
+    out[2] = sl_hsum256(t2); out[3] = sl_hsum256(t3);
+}
+
+SL_T_AVX2 static void sl_axpy4_i8b_avx2(float* y, const int8_t* d0, const int8_t* d1,
+                                        const int8_t* d2, const int8_t* d3, const float* c0,
+                                        const float* c1, const float* c2, const float* c3,
+                                        const float* a, long k0, long k1) {
+    for (long kb = k0; kb < k1; kb += SL_QB) {
+        long b = kb / SL_QB;
+        __m256 a0 = _mm256_set1_ps(a[0] * c0[b]), a1 = _mm256_set1_ps(a[1] * c1[b]),
+               a2 = _mm256_set1_ps(a[2] * c2[b]), a3 = _mm256_set1_ps(a[3] * c3[b]);
+        for (long k = kb; k < kb + SL_QB; k += 8) {
+            __m256 acc = _mm256_loadu_ps(y + k);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d0 + k), a0, acc);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d1 + k), a1, acc);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d2 + k), a2, acc);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d3 + k), a3, acc);
+            _mm256_storeu_ps(y + k, acc);
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- AVX-512 --------- */
 #define SL_T_512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
 #define SL_T_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -275,6 +352,48 @@ SL_T_512 static float sl_dot1_f32_512(const float* a, const float* b, long n) {
 #ifndef SL_PF_BF16
 #define SL_PF_BF16 1024
 #endif
+SL_T_512 static inline __m512 sl_ld16_i8u(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+SL_T_512 static void sl_dot4_i8b_512(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                                     const int8_t* w3, const float* c0, const float* c1,
+                                     const float* c2, const float* c3, const float* x,
+                                     long h, float* out) {
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (long k = 0; k < h; k += SL_QB) {
+        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        long b = k / SL_QB;
+        __m512 b0 = _mm512_fmadd_ps(sl_ld16_i8u(w0 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w0 + k), x0));
+        __m512 b1 = _mm512_fmadd_ps(sl_ld16_i8u(w1 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w1 + k), x0));
+        __m512 b2 = _mm512_fmadd_ps(sl_ld16_i8u(w2 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w2 + k), x0));
+        __m512 b3 = _mm512_fmadd_ps(sl_ld16_i8u(w3 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w3 + k), x0));
+        t0 = _mm512_fmadd_ps(b0, _mm512_set1_ps(c0[b]), t0);
+        t1 = _mm512_fmadd_ps(b1, _mm512_set1_ps(c1[b]), t1);
+        t2 = _mm512_fmadd_ps(b2, _mm512_set1_ps(c2[b]), t2);
+        t3 = _mm512_fmadd_ps(b3, _mm512_set1_ps(c3[b]), t3);
+    }
+    out[0] = _mm512_reduce_add_ps(t0); out[1] = _mm512_reduce_add_ps(t1);
+    out[2] = _mm512_reduce_add_ps(t2); out[3] = _mm512_reduce_add_ps(t3);
+}
+SL_T_512 static void sl_axpy4_i8b_512(float* y, const int8_t* d0, const int8_t* d1,
+                                      const int8_t* d2, const int8_t* d3, const float* c0,
+                                      const float* c1, const float* c2, const float* c3,
+                                      const float* a, long k0, long k1) {
+    for (long kb = k0; kb < k1; kb += SL_QB) {
+        long b = kb / SL_QB;
+        __m512 a0 = _mm512_set1_ps(a[0] * c0[b]), a1 = _mm512_set1_ps(a[1] * c1[b]),
+               a2 = _mm512_set1_ps(a[2] * c2[b]), a3 = _mm512_set1_ps(a[3] * c3[b]);
+        for (long k = kb; k < kb + SL_QB; k += 16) {
+            __m512 acc = _mm512_loadu_ps(y + k);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d0 + k), a0, acc);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d1 + k), a1, acc);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d2 + k), a2, acc);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d3 + k), a3, acc);
+            _mm512_storeu_ps(y + k, acc);
+        }
+    }
+}
+
 /* bf16 dot products with vdpbf16ps: 32 weights of a row per instruction, x as bf16 pairs.
  * (The instruction treats bf16 subnormals as zero and rounds its fp32 sums to nearest.) */
 SL_T_BF16 static void sl_dot4_bf16_dp(const uint16_t* w0, const uint16_t* w1,
@@ -367,6 +486,26 @@ static inline void sl_axpy4_i8(float* y, const int8_t* d0, const int8_t* d1, con
     if (sl_isa == SL_AVX2) { sl_axpy4_i8_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
 #endif
     sl_axpy4_i8_c(y, d0, d1, d2, d3, a, k0, k1);
+}
+static inline void sl_dot4_i8b(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                               const int8_t* w3, const float* c0, const float* c1,
+                               const float* c2, const float* c3, const float* x, long h,
+                               float* out) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_dot4_i8b_512(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_i8b_avx2(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out); return; }
+#endif
+    sl_dot4_i8b_c(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out);
+}
+static inline void sl_axpy4_i8b(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                                const int8_t* d3, const float* c0, const float* c1,
+                                const float* c2, const float* c3, const float* a, long k0,
+                                long k1) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_axpy4_i8b_512(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_i8b_avx2(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1); return; }
+#endif
+    sl_axpy4_i8b_c(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1);
 }
 static inline float sl_dot1_f32(const float* a, const float* b, long n) {
 #if SL_X86
