@@ -5,18 +5,19 @@
 
 ``gate_up_buf`` is ``[capacity, 2, H]`` (gate row then up row of one neuron, adjacent so
 the forward kernel streams both in one pass), ``down_t_buf`` is ``[capacity, H]``.
-Weights are float32 or bfloat16 stored as uint16 (the fused type ``wtype``): copies move
+Weights are float32, bfloat16 stored as uint16, or int8 (the fused type ``wtype``): copies move
 raw bits, so bf16 never round-trips through float. Arguments are validated by the Python
 layer; these functions trust shapes and index ranges.
 """
 
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int8_t, int64_t, uint16_t
 from libc.string cimport memcpy
 
 ctypedef fused wtype:
     float
     uint16_t
+    int8_t
 
 
 def copy_in(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,

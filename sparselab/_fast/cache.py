@@ -29,6 +29,7 @@ from sparselab._fast._validate import (
     word_array,
 )
 from sparselab._fast.masks import pack, xor_diff
+from sparselab._fast.quant import stacked_scales
 
 __all__ = ["UpdateStats", "WeightCache"]
 
@@ -98,6 +99,8 @@ class WeightCache:
             raise ValueError("pass exactly one of down_weight [H, I] or down_t= [I, H]")
         if down_mode not in ("transpose", "columns"):
             raise ValueError(f"down_mode must be 'transpose' or 'columns', got {down_mode!r}")
+        if dtype == torch.int8 and down_t is None:
+            raise ValueError("int8 weights need down_t= (quantize_int8 of down_proj.weight.t())")
         self._n_threads = check_threads(n_threads)
         self._columns = False
         self._owned_down_bytes = 0
@@ -128,6 +131,10 @@ class WeightCache:
         self._src = (gate_np, up_np, dt_np)
         self._bundle = None
         self._prefetch = None
+        # int8: every neuron's (gate, up, down) scale; the cache keeps its slots' copy in _sc
+        self._src_sc = None
+        if dtype == torch.int8:
+            self._src_sc = stacked_scales(gate_weight, up_weight, down_t)
         self._init_state(dtype, n_neurons, hidden, capacity)
 
     @classmethod
@@ -157,6 +164,7 @@ class WeightCache:
         self._src = ()
         self._bundle = bundle
         self._prefetch = prefetch
+        self._src_sc = None  # a bundle holds float weights only
         self._init_state(dtype, n_neurons, hidden, 0 if capacity is None else capacity)
         return self
 
@@ -174,6 +182,8 @@ class WeightCache:
     # -- buffers
 
     def _alloc(self, capacity: int) -> None:
+        self._sc = (np.zeros((capacity, 3, self._src_sc.shape[2]), np.float32)
+                    if self._src_sc is not None else None)
         self._gu = torch.empty((capacity, 2, self._hidden), dtype=self._dtype)
         self._dt = torch.empty((capacity, self._hidden), dtype=self._dtype)
         self._gu_np = bits_view(self._gu)
@@ -318,6 +328,10 @@ class WeightCache:
             gu_np, dt_np = bits_view(gu), bits_view(dt)
             _cache.copy_prefix(old_gu_np, old_dt_np, gu_np, dt_np, n_old)
             order[:n_old] = self._order[:n_old]
+            if self._sc is not None:
+                sc = np.zeros((new_cap, *self._src_sc.shape[1:]), np.float32)
+                sc[:n_old] = self._sc[:n_old]
+                self._sc = sc
             self._gu, self._dt, self._gu_np, self._dt_np, self._order = gu, dt, gu_np, dt_np, order
             grow_bytes = n_old * self._slot_bytes
             self._totals["grows"] += 1
@@ -331,8 +345,12 @@ class WeightCache:
             gate_np, up_np, dt_src = self._src
             copy = _cache.copy_in_columns if self._columns else _cache.copy_in
             copy(gate_np, up_np, dt_src, self._gu_np, self._dt_np, added, in_slots, nt)
+        if self._sc is not None:
+            self._sc[in_slots] = self._src_sc[added]
         if mv_src.size:
             _cache.move_slots(self._gu_np, self._dt_np, mv_src, mv_dst)
+            if self._sc is not None:
+                self._sc[mv_dst] = self._sc[mv_src]
         order = self._order
         slot_of[removed] = -1
         order[in_slots] = added
@@ -369,7 +387,8 @@ class WeightCache:
         x32, was_1d = prep_x(x, self._hidden, self._dtype)
         y = torch.empty(x32.shape, dtype=torch.float32)
         if x32.shape[0]:
-            _mlp.cache_forward(self._gu_np, self._dt_np, self._n, x32, y.numpy(), code, nt)
+            _mlp.cache_forward(self._gu_np, self._dt_np, self._n, x32, y.numpy(), code, nt,
+                               self._sc)
         return finish(y, was_1d, od)
 
     __call__ = forward

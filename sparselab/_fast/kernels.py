@@ -24,6 +24,7 @@ from sparselab._fast._validate import (
     prep_x,
     resolve_out_dtype,
 )
+from sparselab._fast.quant import stacked_scales
 
 __all__ = ["BundleMLP", "IndexedMLP", "sparse_mlp"]
 
@@ -51,7 +52,9 @@ def sparse_mlp(x, gate_weight, up_weight, down_t, active_idx, activation: str,
         >>> y = sparse_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, down_t, idx, "silu")
 
     ``gate_weight``/``up_weight``/``down_t`` are ``[I, H]`` contiguous (``down_t`` is
-    ``down_proj.weight.t().contiguous()``), float32 or bfloat16. ``active_idx`` is 1-D
+    ``down_proj.weight.t().contiguous()``), float32 or bfloat16, or all three
+    :class:`~sparselab._fast.quant.Int8Rows` (``quantize_int8``; ``down_t`` quantized by
+    its rows; then ``x`` is float32 or bfloat16 and ``y`` float32 by default). ``active_idx`` is 1-D
     integer, unique, in ``[0, I)``, any order (sorted is friendlier to the prefetcher).
     """
     return IndexedMLP(gate_weight, up_weight, down_t, activation, n_threads)(x, active_idx, out_dtype)
@@ -80,6 +83,10 @@ class IndexedMLP:
         if dt.shape != gate.shape:
             raise ValueError(f"down_t has shape {tuple(dt.shape)}; expected [I, H] = "
                              f"{tuple(gate.shape)} (transpose down_proj.weight)")
+        self._scales = None
+        if gate.dtype == torch.int8:
+            # per neuron: (gate, up, down) scale, read by the kernel next to the rows
+            self._scales = stacked_scales(gate_weight, up_weight, down_t)
         self._weights = (gate, up, dt)  # keep the tensors the numpy views point into alive
         self.dtype = gate.dtype
         self.n_neurons, self.hidden = int(gate.shape[0]), int(gate.shape[1])
@@ -99,7 +106,7 @@ class IndexedMLP:
         if x32.shape[0]:
             nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
             _mlp.index_forward(self._gate_np, self._up_np, self._dt_np, idx, x32, y.numpy(),
-                               self._code, nt)
+                               self._code, nt, self._scales)
         return y
 
 

@@ -39,6 +39,7 @@ class SparseHandle:
         self.wrappers = wrappers
         self._hooks = hooks
         self.config = config
+        self.post_restore: list = []  # callables run by restore() after the layout is back
         self.active = True
 
     # -- info ------------------------------------------------------------------------------
@@ -122,6 +123,9 @@ class SparseHandle:
             elif wrapper.bundle is not None:
                 restore_layer_weights(spec, self._rt.weight_file)
             wrapper.release()
+        for fn in self.post_restore:  # after the down weights are back in their layout
+            fn()
+        self.post_restore.clear()
         self.active = False
 
     def __enter__(self) -> SparseHandle:

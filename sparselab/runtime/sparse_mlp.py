@@ -95,7 +95,8 @@ class SparseMLP(nn.Module):
     is_sparselab_wrapper = True  # the model adapter does not re-verify a wrapper's formula
 
     def __init__(self, spec: LayerMLP, state: RunState, act_fn, *,
-                 down_t: torch.Tensor | None = None, static_idx: torch.Tensor | None = None) -> None:
+                 down_t: torch.Tensor | None = None, static_idx: torch.Tensor | None = None,
+                 int8=None) -> None:
         super().__init__()
         original = spec.mlp
         object.__setattr__(self, "original", original)  # not a child: no duplicate params
@@ -128,11 +129,13 @@ class SparseMLP(nn.Module):
         elif down_t is not None and state.kernel == "fast":
             from sparselab import _fast
 
-            gate_w, up_w = self._weights
+            # int8: (gate, up, down_t) Int8Rows; the kernels read them instead of the
+            # (dequantized) model tensors
+            gate_w, up_w, kdown_t = int8 if int8 is not None else (*self._weights, down_t)
             if state.mode == "predicted" and state.use_cache:
-                self.cache = _fast.WeightCache(gate_w, up_w, down_t=down_t)
+                self.cache = _fast.WeightCache(gate_w, up_w, down_t=kdown_t)
             else:
-                self._indexed = _fast.IndexedMLP(gate_w, up_w, down_t, state.activation)
+                self._indexed = _fast.IndexedMLP(gate_w, up_w, kdown_t, state.activation)
         if self.cache is not None and state.window > 1:
             from sparselab.runtime.window import WindowedCache
 
@@ -221,7 +224,7 @@ class SparseMLP(nn.Module):
             t0 = clock()
             stats = self.cache.update(mask.numpy())
             t1 = clock()
-            y = self.cache.forward(x2, rt.activation)
+            y = self.cache.forward(x2, rt.activation, out_dtype=x2.dtype)
             return y, stats, t1 - t0, clock() - t1
         if idx is None:
             idx = torch.from_numpy(np.flatnonzero(mask.numpy()))
@@ -435,7 +438,7 @@ class SparseMLP(nn.Module):
         if self.cache is not None:
             stats = self.cache.update(mask)
             t2 = clock()
-            y = self.cache.forward(x2, self.rt.activation)
+            y = self.cache.forward(x2, self.rt.activation, out_dtype=x2.dtype)
         else:
             stats, t2 = None, t1
             y = self._indexed.run_unchecked(x32, idx)

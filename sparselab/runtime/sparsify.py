@@ -55,6 +55,7 @@ __all__ = ["KERNELS", "PREFILLS", "SPARSIFY_MODES", "AlreadySparsifiedError", "i
 SPARSIFY_MODES = ("predicted", "oracle", "static", "method")
 KERNELS = ("fast", "torch")
 PREFILLS = ("dense", "union", "per_token")
+WEIGHT_FORMATS = ("model", "int8", "int8_rows")
 
 
 class AlreadySparsifiedError(RuntimeError):
@@ -133,6 +134,7 @@ def sparsify(
     weight_file=None,
     cache_window: int = 1,
     prefetch: bool = True,
+    weights: str = "model",
 ) -> SparseHandle:
     """Swap the gated MLPs of ``model`` for sparse ones, in place; returns a handle.
 
@@ -165,6 +167,14 @@ def sparsify(
       reads are started together (``madvise(MADV_WILLNEED)``) instead of one fault at a time.
     - ``cache_window``: the weight cache holds the neurons of the last ``k`` decode steps
       (LLM in a Flash's window; each step still computes only its own set).
+    - ``weights``: ``"model"`` (the model's own), ``"int8"`` or ``"int8_rows"``: the
+      sparsified layers' MLP weights are quantized to int8 (``_fast.quant.quantize_int8``;
+      scales per block of 32 weights, or per row: gate and up by neuron, down by column;
+      blocks keep quality, +0.5 % vs +2.6 % perplexity on SmolLM2), the fast kernels read
+      the int8 bytes, and the model's
+      own tensors are set to the dequantized values while sparsified (so dense prefill and
+      torch paths compute the same int8 model; ``restore()`` puts the originals back bit
+      for bit). float32 models only.
 
     Every argument is checked before the model is touched: a ``ValueError`` names the
     problem and leaves the model unchanged.
@@ -179,6 +189,7 @@ def sparsify(
     check_choice("mode", mode, SPARSIFY_MODES)
     check_choice("kernel", kernel, KERNELS)
     check_choice("prefill", prefill, PREFILLS)
+    check_choice("weights", weights, WEIGHT_FORMATS)
     if density is not None:
         density = check_fraction("density", density)
     if isinstance(cache_window, bool) or not isinstance(cache_window, (int, np.integer)) or cache_window < 1:
@@ -186,6 +197,8 @@ def sparsify(
     if weight_file is not None:
         from sparselab.runtime.weight_file import MLPWeightFile
 
+        if weights != "model":
+            raise ValueError(f"weight_file= holds the model's float weights: not with weights={weights!r}")
         if mode in ("oracle", "method") or kernel != "fast" or prefill == "per_token":
             raise ValueError("weight_file= runs the fast kernels from disk: not with mode='oracle', "
                              "mode='method', kernel='torch' or prefill='per_token' (they need the "
@@ -208,6 +221,8 @@ def sparsify(
             raise ValueError(f"layers must be distinct numbers in [0, {n_layers}), got {list(requested)}")
     weight = adapter.layers[0].down_proj.weight
     dtype = weight.dtype
+    if weights != "model" and dtype != torch.float32:
+        raise ValueError(f"weights={weights!r} quantizes a float32 model, the model is {dtype}")
 
     static_idx: dict[int, torch.Tensor] = {}
     if mode == "predicted":
@@ -298,6 +313,7 @@ def sparsify(
         "activation": adapter.activation, "dtype": str(dtype).replace("torch.", ""),
         "cache_window": int(cache_window), "prefetch": bool(prefetch),
         "weight_file": None if weight_file is None else str(weight_file.path),
+        "weights": weights,
     }
     if method is not None:
         config["method"] = method.describe()
@@ -305,6 +321,9 @@ def sparsify(
     hooks: list = []
     handle = SparseHandle(model, adapter, runtime, wrappers, hooks, config)
     scratch: list = []
+    originals: list = []  # (tensor, saved values) of int8-quantized weights
+    if weights != "model":
+        handle.post_restore.append(lambda: _put_back(originals))
     try:
         hooks.append(model.register_forward_pre_hook(model_pre_hook(runtime), with_kwargs=True))
         for i in chosen:
@@ -312,11 +331,13 @@ def sparsify(
             # the model's own activation module: density 1.0 is then bit-identical to dense
             act_fn = activation_module(spec.mlp) or adapter.act_fn
             down = spec.down_proj.weight
+            int8 = (_quantize_layer(spec, originals, 32 if weights == "int8" else None)
+                    if weights != "model" else None)
             down_t = (transpose_in_place(down, scratch)
                       if mode not in ("oracle", "method") and weight_file is None else None)
             try:
                 wrapper = SparseMLP(spec, runtime, act_fn, down_t=down_t,
-                                    static_idx=static_idx.get(i))
+                                    static_idx=static_idx.get(i), int8=int8)
             except BaseException:
                 if down_t is not None:
                     untranspose_in_place(down, down_t, scratch)
@@ -331,6 +352,29 @@ def sparsify(
         handle.restore()
         raise
     return handle
+
+
+def _quantize_layer(spec, originals: list, block: int | None):
+    """int8 (gate, up, down_t) of one layer (scales per ``block`` weights, or per row); the
+    layer's tensors get the dequantized values (originals saved for restore)."""
+    from sparselab._fast.quant import quantize_int8
+
+    gate_w, up_w = spec.gate_up_weights()
+    down = spec.down_proj.weight
+    qg, qu, qd = (quantize_int8(w, block) for w in (gate_w, up_w, down.t()))
+    with torch.no_grad():
+        for t, deq in ((gate_w, qg.dequantize()), (up_w, qu.dequantize()),
+                       (down, qd.dequantize().t())):
+            originals.append((t, t.detach().clone()))
+            t.copy_(deq)
+    return qg, qu, qd
+
+
+def _put_back(originals: list) -> None:
+    with torch.no_grad():
+        for t, saved in originals:
+            t.copy_(saved)
+    originals.clear()
 
 
 def _attach_lookahead(spec, wrapper: SparseMLP):
