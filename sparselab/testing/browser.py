@@ -185,3 +185,38 @@ def plotly_z(page, index: int = 0):
                     return t ? JSON.stringify(t.z) : null; }""",
         index,
     )
+
+
+PLOTS_BY_CELL_JS = """() => [...document.querySelectorAll('.jp-Cell')].map(cell =>
+    [...cell.querySelectorAll('.js-plotly-plot')].filter(gd =>
+        gd.offsetParent !== null && gd.data && gd.data.some(t =>
+            ['x', 'y', 'z', 'values'].some(k => t[k] && t[k].length > 0))).length)"""
+
+
+def figure_outputs(notebook: dict) -> list[int]:
+    """Per cell of an executed notebook (JSON dict): how many figure outputs it holds.
+
+    A figure output is one carrying a Plotly figure (``application/vnd.plotly.v1+json``)
+    or an ipywidgets view; a widget with several figures counts once per figure.
+    """
+    counts = []
+    for cell in notebook["cells"]:
+        n = 0
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            fig = data.get("application/vnd.plotly.v1+json")
+            if fig is not None:  # a stack of several figures says how many (sparselab.viz.static)
+                meta = fig.get("layout", {}).get("meta")
+                n += int(meta.get("stacked", 1)) if isinstance(meta, dict) else 1
+            elif "application/vnd.jupyter.widget-view+json" in data:
+                n += 1
+        counts.append(n)
+    return counts
+
+
+def rendered_plots_by_cell(page, path: Path, timeout_ms: int = 60_000) -> list[int]:
+    """Open an HTML file (e.g. a ``nbconvert --to html`` export) and count, per notebook
+    cell, the Plotly plots that are visible and hold data."""
+    page.goto(Path(path).resolve().as_uri(), wait_until="load", timeout=timeout_ms)
+    page.wait_for_timeout(500)
+    return page.evaluate(PLOTS_BY_CELL_JS)

@@ -53,6 +53,7 @@ from sparselab.viz.reuse import (
     window_reuse_curves,
     window_reuse_vs_models,
 )
+from sparselab.viz.static import keep, stack, static_bundle
 from sparselab.viz.style import TEMPLATE, template, unstyled
 
 __all__ = [
@@ -70,6 +71,7 @@ __all__ = [
     "frequency_ecdf",
     "hit_rate_by_layer",
     "hit_rate_curves",
+    "keep",
     "layer_density_spread",
     "lookahead_recall",
     "magnitude_quantiles",
@@ -79,6 +81,8 @@ __all__ = [
     "predictor_metrics",
     "predictor_quality",
     "predictor_vs_rank",
+    "stack",
+    "static_bundle",
     "quality_vs_density",
     "step_heatmap",
     "step_layer_density",
@@ -92,3 +96,8 @@ __all__ = [
     "window_reuse_curves",
     "window_reuse_vs_models",
 ]
+
+from sparselab.viz import static as _static  # noqa: E402
+
+if _static._in_kernel():  # plain figures get a text/html copy too (see sparselab.viz.static)
+    _static.install()
