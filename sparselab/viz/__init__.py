@@ -15,6 +15,7 @@ topic, takes a tidy frame, checks it with ``style.require_columns`` and uses
 ``style.new_figure``.
 """
 
+from sparselab.viz.export import export, paper_style
 from sparselab.viz.kernels import METHOD_NAMES, mlp_time_vs_density, update_cost
 from sparselab.viz.live import (
     cache_traffic_bars,
@@ -68,6 +69,7 @@ __all__ = [
     "churn_over_tokens",
     "cosine_by_layer",
     "density_by_layer",
+    "export",
     "frequency_ecdf",
     "hit_rate_by_layer",
     "hit_rate_curves",
@@ -78,6 +80,7 @@ __all__ = [
     "mass_kept_by_layer",
     "mlp_time_vs_density",
     "neuron_frequency_cdf",
+    "paper_style",
     "predictor_metrics",
     "predictor_quality",
     "predictor_vs_rank",
