@@ -59,7 +59,7 @@ def test_linked_figure_output_carries_widget_plotly_json_then_html_of_the_curren
     assert WIDGET in first and list(first[PLOTLY]["data"][0]["y"]) == [0, 1, 2, 3, 4]
     assert "text/html" not in first  # else nbconvert would show the figure twice
     html = second["text/html"]
-    assert 'class="sparselab-static"' in html and ":has(.widget-vbox)" in html and "Plotly.newPlot" in html
+    assert 'class="sparselab-static"' in html and ":has(.widget-container" in html and "Plotly.newPlot" in html
     assert figure_outputs({"cells": [{"outputs": [{"data": first}, {"data": second}]}]}) == [1]
 
 

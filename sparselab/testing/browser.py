@@ -176,10 +176,16 @@ def cell_errors(page) -> list[str]:
     )
 
 
+# Plotly graphs drawn by live widgets and figures, not the static copies of widgets'
+# figures (sparselab.viz.static), which a live widget hides
+LIVE_PLOTS = ".js-plotly-plot:not(.sparselab-static .js-plotly-plot)"
+
+
 def plotly_z(page, index: int = 0):
-    """The ``z`` data of the first heatmap trace of the ``index``-th Plotly graph shown."""
+    """The ``z`` data of the first heatmap trace of the ``index``-th Plotly graph shown
+    (among :data:`LIVE_PLOTS`)."""
     return page.evaluate(
-        """(i) => { const gds = [...document.querySelectorAll('.js-plotly-plot')];
+        """(i) => { const gds = [...document.querySelectorAll('.js-plotly-plot:not(.sparselab-static .js-plotly-plot)')];
                     const gd = gds[i]; if (!gd || !gd.data) return null;
                     const t = gd.data.find(t => t.type === 'heatmap');
                     return t ? JSON.stringify(t.z) : null; }""",

@@ -254,8 +254,9 @@ def figure_widgets(widget: Any) -> list[go.FigureWidget]:
 
 # a live widget (rendered by JupyterLab, or by the widget manager of an exported page)
 # hides the static copy right after it; where the widget cannot render it stays visible
-_HIDE_CSS = ("<style>.jp-OutputArea-child:has(.widget-vbox) + .jp-OutputArea-child .sparselab-static,"
-             ".output_area:has(.widget-vbox) + .output_area .sparselab-static {display: none;}</style>")
+_HIDE_CSS = ("<style>.jp-OutputArea-child:has(.widget-container, .js-plotly-plot) + .jp-OutputArea-child "
+             ".sparselab-static, .output_area:has(.widget-container, .js-plotly-plot) + .output_area "
+             ".sparselab-static {display: none;}</style>")
 
 
 def widget_bundle(widget: Any, figures: Mapping[str, BaseFigure] | None = None) -> dict[str, Any]:
