@@ -71,7 +71,7 @@ def paper_style(fig: BaseFigure, layout: str = "one-column", width: int | None =
     out.update_layout(
         width=w, height=h, autosize=False, font=FONT, colorway=list(PALETTE),
         paper_bgcolor="white", plot_bgcolor="white",
-        title={"font": {"size": FONT["size"] + 2}, "x": 0.0, "xanchor": "left"},
+        title={"font": {"size": FONT["size"] + 2}, "x": 0.0, "xref": "paper", "xanchor": "left"},
         legend={"font": {"size": FONT["size"] - 1}},
         margin={"l": 55, "r": 15, "t": 40 if out.layout.title.text else 15, "b": 45},
     )
