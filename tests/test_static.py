@@ -90,3 +90,13 @@ def test_install_adds_html_to_the_automatic_renderer_only(monkeypatch):
     monkeypatch.setattr(pio.renderers, "default", "browser")
     static.install()
     assert pio.renderers.default == "browser"
+
+
+def test_figure_outputs_counts_figures_not_progress_bars():
+    a, b = _two()
+    cells = [
+        {"outputs": [{"data": {"application/vnd.jupyter.widget-view+json": {}, "text/plain": " 50%|##  | 1/2"}}]},
+        {"outputs": [{"data": {PLOTLY: static.stack([a, b]).to_plotly_json()}}, {"data": {"text/html": "x"}}]},
+        {"outputs": [{"data": {WIDGET: {}, "text/plain": "FigureWidget({'data': []})"}}]},
+    ]
+    assert figure_outputs({"cells": cells}) == [0, 2, 1]

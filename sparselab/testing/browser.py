@@ -202,8 +202,9 @@ PLOTS_BY_CELL_JS = """() => [...document.querySelectorAll('.jp-Cell')].map(cell 
 def figure_outputs(notebook: dict) -> list[int]:
     """Per cell of an executed notebook (JSON dict): how many figure outputs it holds.
 
-    A figure output is one carrying a Plotly figure (``application/vnd.plotly.v1+json``)
-    or an ipywidgets view; a widget with several figures counts once per figure.
+    A figure output is one carrying a Plotly figure (``application/vnd.plotly.v1+json``;
+    a stack of several counts once per figure) or an ipywidgets view holding a
+    ``FigureWidget`` (not progress bars).
     """
     counts = []
     for cell in notebook["cells"]:
@@ -214,7 +215,8 @@ def figure_outputs(notebook: dict) -> list[int]:
             if fig is not None:  # a stack of several figures says how many (sparselab.viz.static)
                 meta = fig.get("layout", {}).get("meta")
                 n += int(meta.get("stacked", 1)) if isinstance(meta, dict) else 1
-            elif "application/vnd.jupyter.widget-view+json" in data:
+            elif "application/vnd.jupyter.widget-view+json" in data and "FigureWidget" in str(
+                    data.get("text/plain", "")):  # a figure widget without a static copy
                 n += 1
         counts.append(n)
     return counts
