@@ -1,4 +1,4 @@
-"""Paper export (sparselab.viz.export): files of the requested size whose drawn data are
+"""Paper export (sparselab.viz.paper): files of the requested size whose drawn data are
 the figure's data. Needs Debian's Chromium (kaleido drives it); one browser start per call."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import plotly.graph_objects as go
 import pytest
 
 from sparselab.testing.browser import chromium_path
-from sparselab.viz import export as ex
+from sparselab.viz import paper as ex
 
 needs_chromium = pytest.mark.skipif(chromium_path() is None, reason="Debian chromium not installed")
 HEIGHTS = [2.0, 7.0, 3.5, 5.0]

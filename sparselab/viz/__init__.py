@@ -15,7 +15,6 @@ topic, takes a tidy frame, checks it with ``style.require_columns`` and uses
 ``style.new_figure``.
 """
 
-from sparselab.viz.export import export, paper_style
 from sparselab.viz.kernels import METHOD_NAMES, mlp_time_vs_density, update_cost
 from sparselab.viz.live import (
     cache_traffic_bars,
@@ -30,6 +29,7 @@ from sparselab.viz.masks import (
     density_by_layer,
     token_heatmap,
 )
+from sparselab.viz.paper import export, paper_style
 from sparselab.viz.quality import (
     PREDICTOR_METRICS,
     calibration_overview,

@@ -8,7 +8,7 @@ For each notebook ``notebooks/NN_name.ipynb`` it writes, under ``--out`` (``figu
 
 - ``NN_name/<k>-<figure-title>.{svg,pdf,png}``: every figure the notebook displays, as
   shown after "run all" (interactive ones at their initial control values; the
-  dashboard's figures stacked), through :func:`sparselab.viz.export.export`;
+  dashboard's figures stacked), through :func:`sparselab.viz.paper.export`;
 - ``NN_name/figures.json``: the command, the model, the versions, each figure's files;
 - ``NN_name.html``: the notebook's ``nbconvert --to html`` export (plots without a kernel);
 - ``gallery/NN_name.png``: a small thumbnail of the notebook's first figure;
@@ -34,7 +34,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from sparselab._version import versions
-from sparselab.viz import export as ex
+from sparselab.viz import paper as ex
 from sparselab.viz.static import PLOTLY_MIMETYPE
 
 __all__ = ["README_END", "README_START", "execute", "gallery_markdown", "main", "notebook_figures",
