@@ -31,6 +31,7 @@ from sparselab.viz.masks import (
     density_by_layer,
     token_heatmap,
 )
+from sparselab.viz.paper import export, paper_style
 from sparselab.viz.quality import (
     PREDICTOR_METRICS,
     calibration_overview,
@@ -55,6 +56,7 @@ from sparselab.viz.reuse import (
     window_reuse_curves,
     window_reuse_vs_models,
 )
+from sparselab.viz.static import keep, stack, static_bundle
 from sparselab.viz.style import TEMPLATE, template, unstyled
 
 __all__ = [
@@ -69,19 +71,24 @@ __all__ = [
     "churn_over_tokens",
     "cosine_by_layer",
     "density_by_layer",
+    "export",
     "frequency_ecdf",
     "frontier_figure",
     "hit_rate_by_layer",
     "hit_rate_curves",
+    "keep",
     "layer_density_spread",
     "lookahead_recall",
     "magnitude_quantiles",
     "mass_kept_by_layer",
     "mlp_time_vs_density",
     "neuron_frequency_cdf",
+    "paper_style",
     "predictor_metrics",
     "predictor_quality",
     "predictor_vs_rank",
+    "stack",
+    "static_bundle",
     "quality_vs_density",
     "step_heatmap",
     "step_layer_density",
@@ -95,3 +102,8 @@ __all__ = [
     "window_reuse_curves",
     "window_reuse_vs_models",
 ]
+
+from sparselab.viz import static as _static  # noqa: E402
+
+if _static._in_kernel():  # plain figures get a text/html copy too (see sparselab.viz.static)
+    _static.install()
