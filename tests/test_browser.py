@@ -127,4 +127,13 @@ def test_html_export_of_every_executed_notebook_shows_every_figure(executed_note
             problems[path.name] = short  # cell index: (figure outputs, rendered plots with data)
             page.screenshot(path=str(ARTIFACTS / f"export-{path.stem}.png"), full_page=True)
     assert problems == {}, f"figures missing from HTML exports: {problems}"
+
+    # the check sees blanks: without the static copies (as before them) the plots are gone
+    path, nb = sorted(notebooks.items())[0]
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            out.get("data", {}).pop("text/html", None)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    (tmp_path / "blank.html").write_text(body, encoding="utf-8")
+    assert sum(rendered_plots_by_cell(page, tmp_path / "blank.html")) == 0
     assert errors == [], f"the exported pages logged errors: {errors}"
