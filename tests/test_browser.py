@@ -81,8 +81,13 @@ def test_dashboard_slider_updates_heatmap(tmp_path):
         page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=False)
 
         (ARTIFACTS / "browser-errors.txt").write_text("\n".join(errors))
+        # the static copies of the widget's figures (for viewers without a kernel) exist
+        # but are hidden while the live widget shows: no figure twice
+        copies = page.evaluate("""() => [...document.querySelectorAll('.sparselab-static')]
+                                  .map(e => e.offsetParent !== null)""")
 
     assert after != before
+    assert copies and not any(copies), f"static copies shown next to live widgets: {copies}"
     assert errors == [], f"the page logged JavaScript errors: {errors}"
 
 
