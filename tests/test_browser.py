@@ -81,8 +81,13 @@ def test_dashboard_slider_updates_heatmap(tmp_path):
         page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"), full_page=False)
 
         (ARTIFACTS / "browser-errors.txt").write_text("\n".join(errors))
+        # the static copies of the widget's figures (for viewers without a kernel) exist
+        # but are hidden while the live widget shows: no figure twice
+        copies = page.evaluate("""() => [...document.querySelectorAll('.sparselab-static')]
+                                  .map(e => e.offsetParent !== null)""")
 
     assert after != before
+    assert copies and not any(copies), f"static copies shown next to live widgets: {copies}"
     assert errors == [], f"the page logged JavaScript errors: {errors}"
 
 
@@ -127,4 +132,13 @@ def test_html_export_of_every_executed_notebook_shows_every_figure(executed_note
             problems[path.name] = short  # cell index: (figure outputs, rendered plots with data)
             page.screenshot(path=str(ARTIFACTS / f"export-{path.stem}.png"), full_page=True)
     assert problems == {}, f"figures missing from HTML exports: {problems}"
+
+    # the check sees blanks: without the static copies (as before them) the plots are gone
+    path, nb = sorted(notebooks.items())[0]
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            out.get("data", {}).pop("text/html", None)
+    body, _ = HTMLExporter().from_notebook_node(nb)
+    (tmp_path / "blank.html").write_text(body, encoding="utf-8")
+    assert sum(rendered_plots_by_cell(page, tmp_path / "blank.html")) == 0
     assert errors == [], f"the exported pages logged errors: {errors}"

@@ -195,8 +195,8 @@ def plotly_z(page, index: int = 0):
 
 PLOTS_BY_CELL_JS = """() => [...document.querySelectorAll('.jp-Cell')].map(cell =>
     [...cell.querySelectorAll('.js-plotly-plot')].filter(gd =>
-        gd.offsetParent !== null && gd.data && gd.data.some(t =>
-            ['x', 'y', 'z', 'values'].some(k => t[k] && t[k].length > 0))).length)"""
+        gd.offsetParent !== null && gd._fullData && gd._fullData.some(t =>
+            t._length > 0 || (t.z && t.z.length > 0))).length)"""  # decoded data, also typed arrays
 
 
 def figure_outputs(notebook: dict) -> list[int]:

@@ -11,7 +11,10 @@ sets, batches, frequencies against independence baselines), :mod:`.quality`
 :mod:`.kernels` (kernel benchmarks), :mod:`.frontier` (quality against bytes read, per
 selection method); :mod:`.style` is their shared look. Widgets:
 :mod:`.interact` (a figure driven by controls, in-place updates), :mod:`.dashboard` and
-:mod:`.dashboard_live`; :mod:`.report` writes HTML. A new figure goes in the module of its
+:mod:`.dashboard_live`; :mod:`.report` writes HTML. :mod:`.static` keeps a static copy of
+every displayed figure for viewers without a kernel (``sl.viz.keep(widget)``),
+:mod:`.paper` writes paper files (``sl.viz.export(fig, "fig3")``: SVG, PDF, PNG) and
+:mod:`.gallery` is ``make figures``. A new figure goes in the module of its
 topic, takes a tidy frame, checks it with ``style.require_columns`` and uses
 ``style.new_figure``.
 """

@@ -105,9 +105,10 @@ def write_notebook_figures(nb: Any, name: str, out: Path, formats: Sequence[str]
                           height=int(h * (0.8 * n if n > 1 else 1)))
         records.append({"name": fig_name, "title": fig.layout.title.text, "panels": n,
                         "files": [p.name for p in paths]})
-    if figures:
-        ex.export(figures[0][1], out / "gallery" / name, formats=("png",), width=THUMBNAIL[0],
-                  height=THUMBNAIL[1] * min(_stacked(figures[0][1]), 2), scale=1)
+    if figures:  # a single figure reads better as a thumbnail than a stack of several
+        first = next((f for _, f in figures if _stacked(f) == 1), figures[0][1])
+        ex.export(first, out / "gallery" / name, formats=("png",), width=2 * THUMBNAIL[0],
+                  height=2 * THUMBNAIL[1], scale=0.5)
     info = {"notebook": f"notebooks/{name}.ipynb", "figures": records, **(meta or {})}
     (folder / "figures.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info

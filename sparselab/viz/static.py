@@ -219,9 +219,12 @@ def stack(figures: Mapping[str, BaseFigure] | Sequence[BaseFigure], gap: float =
                                 item[k] = squeeze(item[k])
                 layout[kind].append(item)
         title = ((lay.get("title") or {}).get("text")) or name
+        # above the figure's own subplot titles (paper annotations at its top), if any
+        crowded = any(a.get("yref", "paper") == "paper" and float(a.get("y", 0) or 0) >= 0.98
+                      for a in lay.get("annotations", []) or [])
         layout["annotations"].append({"text": f"<b>{title}</b>", "xref": "paper", "yref": "paper", "x": 0.0,
                                       "y": hi, "xanchor": "left", "yanchor": "bottom", "showarrow": False,
-                                      "font": {"size": 14}})
+                                      "yshift": 22 if crowded else 0, "font": {"size": 14}})
         for key in ("barmode", "bargap", "coloraxis", "hovermode"):
             if key in lay and key not in layout:
                 layout[key] = lay[key]
