@@ -2,6 +2,7 @@
 
     flock -x /tmp/sparselab-bench.lock python experiments/run_frontier.py            # both, ~30 min
     python experiments/run_frontier.py --model smollm2 --n-held 4 --quick           # a smoke run
+    python experiments/run_frontier.py --model smollm2 --only shadow,shadow-cal --tag shadow
 
 Per model: the corpus is split (``sl.corpus.split``, every 4th passage held out); a trace
 of the first ``--n-train`` training passages (256 tokens each, ``h``, ``gate``, ``mlp_in``)
@@ -40,10 +41,10 @@ def method_grid(predictors, quick: bool) -> list:
     if quick:
         return [M.Oracle(0.5), M.Shadow(0.45), M.TEAL(0.7, 0.5), M.CATS(0.7)]
     grid = [M.Oracle(d) for d in (0.4, 0.5, 0.6)]
-    grid += [M.Shadow(d) for d in (0.4, 0.45, 0.5, 0.6)]
+    grid += [M.Shadow(d) for d in (0.4, 0.45, 0.5, 0.55, 0.6)]
     grid += [M.TEAL(x, h) for x, h in ((0.7, 0.5), (0.8, 0.5), (0.8, 0.6))]
     grid += [M.WINA(x, h) for x, h in ((0.7, 0.5), (0.8, 0.5), (0.8, 0.6))]
-    grid += [M.Shadow(d, calibrated=True) for d in (0.4, 0.45, 0.5, 0.6)]
+    grid += [M.Shadow(d, calibrated=True) for d in (0.4, 0.45, 0.5, 0.55, 0.6)]
     grid += [M.TEAL(x, h, calibrated=True) for x, h in ((0.7, 0.5), (0.8, 0.5))]
     grid += [M.WINA(x, h, calibrated=True) for x, h in ((0.7, 0.5), (0.8, 0.5))]
     grid += [M.CATS(d) for d in (0.5, 0.7)]
@@ -77,17 +78,19 @@ def run(key: str, args) -> None:
     fit = {"train_passages": args.n_train, "train_tokens": int(trace.n_tokens),
            "record_seconds": round(time.perf_counter() - t0, 1)}
     predictors = None
-    if not args.quick:
+    only = set(args.only.split(",")) if args.only else None
+    if not args.quick and (only is None or only & {"predicted", "two-stage"}):
         t0 = time.perf_counter()
         predictors = sl.train_predictors(trace, rank=64, epochs=args.epochs)
         fit["predictors"] = {"rank": 64, "epochs": args.epochs, "loss": "mass",
                              "seconds": round(time.perf_counter() - t0, 1),
                              "seconds_per_layer": round((time.perf_counter() - t0) / trace.n_layers, 2)}
-    df = sl.frontier(model, tokenizer, method_grid(predictors, args.quick), held_out[: args.n_held],
+    grid = [m for m in method_grid(predictors, args.quick) if only is None or m.name in only]
+    df = sl.frontier(model, tokenizer, grid, held_out[: args.n_held],
                      train_trace=trace, max_length=256, model_name=key)
     fit["threads"] = torch.get_num_threads()
     RESULTS.mkdir(exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     df.to_csv(RESULTS / f"frontier_{key}{suffix}.csv", index=False)
     title = (f"Bytes frontier, {key}: {args.n_held} held-out passages, {int(df.n_tokens[0])} tokens, "
              f"dense perplexity {df.perplexity[0]:.3f}")
@@ -102,6 +105,8 @@ def main() -> None:
     ap.add_argument("--n-held", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="four methods, no trained predictors")
+    ap.add_argument("--only", default="", help="comma-separated method names (e.g. shadow,shadow-cal)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (frontier_<model>_<tag>)")
     args = ap.parse_args()
     torch.manual_seed(0)
     for key in (MODELS if args.model == "both" else [args.model]):

@@ -189,6 +189,8 @@ def test_methods_at_density_one_equal_dense_and_restore(real_model, small_trace)
         assert torch.equal(model(input_ids=ids).logits, dense)
     with pytest.raises(ValueError, match="not fitted"):
         sl.sparsify(model, method=M.TEAL(0.5, 0.5))
+    with pytest.raises(ValueError, match='mode="method"'):
+        sl.sparsify(model, mode="oracle", density=0.5, method=M.Oracle(0.5))
     assert not sl.runtime.is_sparsified(model)
 
 

@@ -186,6 +186,8 @@ def sparsify(
         method, predictors = predictors, None
     if method is not None and mode == "predicted":
         mode = "method"
+    if method is not None and mode != "method":
+        raise ValueError(f'method= runs in mode="method", not mode={mode!r}')
     check_choice("mode", mode, SPARSIFY_MODES)
     check_choice("kernel", kernel, KERNELS)
     check_choice("prefill", prefill, PREFILLS)
