@@ -13,6 +13,7 @@ BUILT  := sparselab/_fast/.built
 PYX    := $(wildcard sparselab/_fast/*.pyx sparselab/_fast/*.pxd)
 
 .PHONY: install build demo test test-fast lab lint bench clean
+.PHONY: figures
 
 install: $(STAMP) $(BUILT)
 
@@ -48,6 +49,9 @@ lab: install
 
 lint: install
 	$(BIN)/ruff check sparselab tests experiments notebooks
+
+figures: install
+	$(BIN)/python -m sparselab.viz.gallery
 
 bench: install
 	$(BIN)/python experiments/bench_kernels.py

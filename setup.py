@@ -34,8 +34,9 @@ def _compiler_has_openmp() -> bool:
 
 OPENMP = sys.platform.startswith("linux") and _compiler_has_openmp()
 COMPILE_ARGS = ["-O3", "-ffast-math", "-fno-finite-math-only"]
-if os.environ.get("SPARSELAB_NATIVE", "1") == "1" and sys.platform.startswith("linux"):
-    COMPILE_ARGS.append("-march=native")
+# No -march=native: the built .so must run on other CPUs than the build machine. The
+# kernels' vector versions carry per-function target attributes and are chosen at run
+# time (sparselab/_fast/csrc/sl_kernels.h, sparselab._fast.isa).
 LINK_ARGS = []
 if OPENMP:
     COMPILE_ARGS.append("-fopenmp")
@@ -45,7 +46,8 @@ extensions = [
     Extension(
         f"sparselab._fast.{os.path.splitext(os.path.basename(path))[0]}",
         [path],
-        include_dirs=[np.get_include()],
+        include_dirs=[np.get_include(), "sparselab/_fast"],
+        depends=glob("sparselab/_fast/csrc/*.h"),
         extra_compile_args=COMPILE_ARGS,
         extra_link_args=LINK_ARGS,
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],

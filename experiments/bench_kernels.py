@@ -28,6 +28,7 @@ from sparselab.evaluation.kernel_bench import (
     SHAPES,
     TARGET_SHAPE,
     Rows,
+    bench_formats,
     bench_mask_ops,
     bench_mlp,
     bench_update,
@@ -116,6 +117,9 @@ def write_markdown(rows: Rows, path: Path, meta: dict):
         met = ("yes" if r["target_met"] else "NO") if r["target"] != "" else ""
         lines.append(f"| {r['batch']} | {r['density']:.0%} | {r['method']} | {r['median_us']:.2f} "
                      f"| {r['q1_us']:.2f}-{r['q3_us']:.2f} | {met} |")
+    fm = [r for r in R if r["section"] == "formats"]
+    if fm:
+        lines += formats_markdown(fm)
     mem = [r for r in R if r["section"] == "memory"]
     lines += ["", "## Cache memory (down_t passed in; target: extra <= active rows held)", "",
               "| shape | dtype | density | active rows MB | cache extra MB | ratio | MLP MB |",
@@ -125,6 +129,38 @@ def write_markdown(rows: Rows, path: Path, meta: dict):
                      f"{r['active_row_bytes'] / 2**20:.1f} | {r['extra_bytes'] / 2**20:.1f} | "
                      f"{r['ratio']:.2f} | {r['mlp_bytes'] / 2**20:.1f} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def formats_markdown(fm) -> list[str]:
+    """Every weight format side by side: ms per MLP token and speedup over fp32 (same kernel,
+    same density, same run), with the bytes each format reads per weight."""
+    by = {(r["threads"], r["density"], r["method"], r["dtype"], r["isa"]): r for r in fm}
+    best = next(r["isa"] for r in fm if r["method"] == "cache_kernel" and r["dtype"] == "float32")
+    shape = fm[0]["shape"]
+    out = ["", f"## Weight formats side by side ({shape} MLP, batch 1, SiLU, path {best})", "",
+           "Bytes per weight: fp32 4, bf16 2, int8 with per-block-32 float32 scales 1.125, "
+           "int8 per-row 1.0. Speedups are over fp32 with the same kernel in the same loop. "
+           "`@avx2`: the bf16 kernel forced onto the AVX2 path (what a CPU without AVX-512 "
+           "runs; same memory system). Targets: bf16 >= 1.8x fp32, int8 >= 3x fp32 and >= 1.6x "
+           "bf16 (at 30 % and 50 %).", "",
+           "| thr | density | kernel | fp32 ms | bf16 ms (x) | bf16@avx2 ms (x) | int8 b32 ms "
+           "(x fp32, x bf16) | int8 row ms (x fp32, x bf16) | dense fp32 / bf16 torch ms | "
+           "dense int8 b32 / row kernel ms |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["threads"], r["density"]) for r in fm})
+    for thr, dens in keys:
+        def g(method, f, path=best, thr=thr, dens=dens):
+            r = by.get((thr, dens, method, f, path))
+            return r["median_ms"] if r else float("nan")
+        for kern in ("cache_kernel", "index_kernel"):
+            f32, b16, b16a = g(kern, "float32"), g(kern, "bfloat16"), g(kern, "bfloat16", "avx2")
+            i8b, i8r = g(kern, "int8_b32"), g(kern, "int8_row")
+            out.append(
+                f"| {thr} | {dens:.0%} | {kern} | {f32:.3f} | {b16:.3f} ({f32 / b16:.2f}x) | "
+                f"{b16a:.3f} ({f32 / b16a:.2f}x) | {i8b:.3f} ({f32 / i8b:.2f}x, {b16 / i8b:.2f}x) | "
+                f"{i8r:.3f} ({f32 / i8r:.2f}x, {b16 / i8r:.2f}x) | "
+                f"{g('dense_torch', 'float32'):.2f} / {g('dense_torch', 'bfloat16'):.2f} | "
+                f"{g('dense_kernel', 'int8_b32'):.2f} / {g('dense_kernel', 'int8_row'):.2f} |")
+    return out
 
 
 def main(argv=None):
@@ -146,10 +182,16 @@ def main(argv=None):
     bench_mask_ops(rows, 2000 if not args.quick else 200, rng)
     bench_mlp(rows, shapes, dtypes, threads, dens, reps, rng)
     bench_update(rows, shapes, dtypes, dens, churns, reps, rng)
+    if not args.quick:
+        bench_formats(rows, TARGET_SHAPE, [1, 2], (0.1, 0.3, 0.5), reps, rng)
+    else:
+        bench_formats(rows, "smollm2-135m", [1], (0.3,), reps, rng)
     info = _fast.info()
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "cpu count": os.cpu_count(), "torch": torch.__version__,
-            "_fast build": f"openmp={info['openmp']} simd={','.join(info['simd'])}",
+            "_fast build": f"openmp={info['openmp']} isa={info['isa']} "
+                           f"(supported: {','.join(info['supported_isas'])})",
+            "command": "flock -x /tmp/sparselab-bench.lock python experiments/bench_kernels.py",
             "repeats": reps, "mode": "quick" if args.quick else "full",
             "wall time s": round(time.perf_counter() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)

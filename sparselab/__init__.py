@@ -53,6 +53,7 @@ _LAZY_MODULES = {
 _LAZY_ATTRS = {
     "dashboard": ("sparselab.viz.dashboard", "dashboard"),
     "report": ("sparselab.viz.report", "report"),
+    "frontier": ("sparselab.evaluation.frontier", "frontier"),
     "sweep": ("sparselab.studies.sweep", "sweep"),
 }
 
@@ -64,6 +65,7 @@ __all__ = [
     "Trace",
     "__version__",
     "evaluate",
+    "frontier",
     "load_corpus",
     "load_model",
     "record",

@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# executed notebooks (nbval's outputs) for the tests marked after_notebooks
+pytest_plugins = ("sparselab.testing.notebook_capture",)
+
 
 @pytest.fixture(scope="session")
 def real_model():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from sparselab.testing.browser import (
+    LIVE_PLOTS,
     cell_errors,
     chromium_page,
     chromium_path,
@@ -36,7 +37,7 @@ def _heatmap_index(page) -> int:
     return page.evaluate(HEATMAP_INDEX_JS)
 
 
-HEATMAP_INDEX_JS = """() => [...document.querySelectorAll('.js-plotly-plot')]
+HEATMAP_INDEX_JS = f"""() => [...document.querySelectorAll('{LIVE_PLOTS}')]
                  .findIndex(gd => gd.data && gd.data.some(t => t.type === 'heatmap'))"""
 
 
@@ -60,9 +61,9 @@ def test_dashboard_slider_updates_heatmap(tmp_path):
         for _ in range(8):  # each key press is one slider step towards a larger value
             page.keyboard.press("ArrowRight")
         page.wait_for_function(
-            """([i, before]) => { const gd = [...document.querySelectorAll('.js-plotly-plot')][i];
+            f"""([i, before]) => {{ const gd = [...document.querySelectorAll('{LIVE_PLOTS}')][i];
                    const t = gd && gd.data && gd.data.find(t => t.type === 'heatmap');
-                   return t && JSON.stringify(t.z) !== before; }""",
+                   return t && JSON.stringify(t.z) !== before; }}""",
             arg=[index, before],
             timeout=60_000,
         )
@@ -83,3 +84,47 @@ def test_dashboard_slider_updates_heatmap(tmp_path):
 
     assert after != before
     assert errors == [], f"the page logged JavaScript errors: {errors}"
+
+
+# ------------------------------------------------------------------ HTML exports
+
+@pytest.fixture(scope="session")
+def browser_page():
+    """One headless Chromium page for the session: ``(page, errors)``."""
+    with chromium_page(width=1200, height=900) as pair:
+        yield pair
+
+
+@pytest.mark.after_notebooks
+def test_html_export_of_every_executed_notebook_shows_every_figure(executed_notebooks, browser_page, tmp_path):
+    """Every figure output of every numbered notebook is a rendered Plotly plot with data
+    in its ``nbconvert --to html`` export, opened without a kernel.
+
+    The notebooks are the ones nbval ran in this session (``make test`` runs them all);
+    run alone, this test executes notebook 01 itself.
+    """
+    from nbconvert import HTMLExporter
+
+    from sparselab.testing.browser import figure_outputs, rendered_plots_by_cell
+    from sparselab.viz.gallery import execute
+
+    notebooks = {p: nb for p, nb in executed_notebooks.items() if p.name[:1].isdigit()}
+    if not notebooks:
+        notebooks = {ROOT / "notebooks" / NOTEBOOK: execute(ROOT / "notebooks" / NOTEBOOK)}
+    page, errors = browser_page
+    ARTIFACTS.mkdir(exist_ok=True)
+    problems = {}
+    for path, nb in sorted(notebooks.items()):
+        expected = figure_outputs(nb)
+        assert sum(expected) > 0, f"{path.name} shows no figure"
+        body, _ = HTMLExporter().from_notebook_node(nb)
+        html = tmp_path / f"{path.stem}.html"
+        html.write_text(body, encoding="utf-8")
+        seen = rendered_plots_by_cell(page, html)
+        assert len(seen) == len(nb.cells), f"{path.name}: {len(seen)} cells in the page, {len(nb.cells)} in the notebook"
+        short = {i: (want, got) for i, (want, got) in enumerate(zip(expected, seen, strict=True)) if got < want}
+        if short:
+            problems[path.name] = short  # cell index: (figure outputs, rendered plots with data)
+            page.screenshot(path=str(ARTIFACTS / f"export-{path.stem}.png"), full_page=True)
+    assert problems == {}, f"figures missing from HTML exports: {problems}"
+    assert errors == [], f"the exported pages logged errors: {errors}"

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import torch
 
-from sparselab._fast import _mlp
+from sparselab._fast import _mlp, isa
 from sparselab._fast._validate import ACTIVATIONS, MAX_THREADS
 from sparselab._fast.cache import UpdateStats, WeightCache
-from sparselab._fast.kernels import IndexedMLP, sparse_mlp
+from sparselab._fast.kernels import BundleMLP, IndexedMLP, sparse_mlp
 from sparselab._fast.masks import (
     WORD_BITS,
     indices,
@@ -49,6 +49,7 @@ __all__ = [
     "ACTIVATIONS",
     "MAX_THREADS",
     "WORD_BITS",
+    "BundleMLP",
     "IndexedMLP",
     "LowRankSelector",
     "UpdateStats",
@@ -56,6 +57,7 @@ __all__ = [
     "dense_reference",
     "indices",
     "info",
+    "isa",
     "n_words",
     "pack",
     "popcount",
@@ -67,11 +69,13 @@ __all__ = [
 
 
 def info() -> dict:
-    """How this build runs: OpenMP, SIMD extensions compiled in, threads.
+    """How this build runs: OpenMP, the instruction-set path in use and the ones this CPU
+    supports (see :mod:`sparselab._fast.isa`), threads.
 
-        >>> _fast.info()["openmp"]
-        True
+        >>> _fast.info()["isa"]
+        'avx512bf16'
     """
     b = _mlp.build_info()
-    return {"openmp": b["openmp"], "simd": b["simd"], "omp_max_threads": b["omp_max_threads"],
+    return {"openmp": b["openmp"], "isa": isa.current(), "supported_isas": isa.supported(),
+            "simd": [isa.current()], "omp_max_threads": b["omp_max_threads"],
             "max_threads": torch.get_num_threads()}

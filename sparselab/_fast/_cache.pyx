@@ -5,18 +5,19 @@
 
 ``gate_up_buf`` is ``[capacity, 2, H]`` (gate row then up row of one neuron, adjacent so
 the forward kernel streams both in one pass), ``down_t_buf`` is ``[capacity, H]``.
-Weights are float32 or bfloat16 stored as uint16 (the fused type ``wtype``): copies move
+Weights are float32, bfloat16 stored as uint16, or int8 (the fused type ``wtype``): copies move
 raw bits, so bf16 never round-trips through float. Arguments are validated by the Python
 layer; these functions trust shapes and index ranges.
 """
 
 from cython.parallel cimport prange
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int8_t, int64_t, uint16_t
 from libc.string cimport memcpy
 
 ctypedef fused wtype:
     float
     uint16_t
+    int8_t
 
 
 def copy_in(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,
@@ -38,6 +39,28 @@ def copy_in(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1
             memcpy(&gate_up_buf[s, 0, 0], &gate[j, 0], row_bytes)
             memcpy(&gate_up_buf[s, 1, 0], &up[j, 0], row_bytes)
             memcpy(&down_t_buf[s, 0], &down_t[j, 0], row_bytes)
+    return None
+
+
+def copy_in_bundle(const wtype[:, :, ::1] bundle, wtype[:, :, ::1] gate_up_buf,
+                   wtype[:, ::1] down_t_buf, const int64_t[::1] neurons,
+                   const int64_t[::1] slots, int n_threads):
+    """Like :func:`copy_in` from a bundled ``[I, 3, H]`` source (gate row, up row, down
+    column of a neuron adjacent, e.g. a memory-mapped weight file): one contiguous read
+    of ``3 * H`` elements per neuron."""
+    cdef Py_ssize_t m = neurons.shape[0], h = bundle.shape[2], p
+    cdef size_t row_bytes = h * sizeof(wtype)
+    cdef int64_t j, s
+    if m == 0:
+        return None
+    if m < 64:
+        n_threads = 1
+    with nogil:
+        for p in prange(m, num_threads=n_threads, schedule='static'):
+            j = neurons[p]
+            s = slots[p]
+            memcpy(&gate_up_buf[s, 0, 0], &bundle[j, 0, 0], 2 * row_bytes)
+            memcpy(&down_t_buf[s, 0], &bundle[j, 2, 0], row_bytes)
     return None
 
 

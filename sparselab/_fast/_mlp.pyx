@@ -16,28 +16,22 @@ Both kernels run the same two passes over memory, and each byte of weights is re
    the output (instead of the rows) means no reduction of per-thread copies of ``y`` and a
    result that does not depend on the thread count.
 
-Weights are float32 or bfloat16 stored as uint16 (fused type ``wtype``); bf16 is widened
-on the fly (shift into the high half of a float32) and all accumulation is float32. ``x``
-is always float32 (the wrapper converts it once: it is a few kB).
+Weights are float32, bfloat16 stored as uint16, or int8 with per-row scales (fused type
+``wtype``); all accumulation is float32. ``x`` is always float32 (the wrapper converts it
+once: it is a few kB). The inner loops (four dot products; four-row axpy) are the C
+functions of ``csrc/sl_kernels.h``, one version per instruction set, chosen at run time
+(:func:`set_isa_unchecked`; ``sparselab._fast.isa`` picks and checks the path).
 Arguments are validated by the Python layer; these functions trust them.
 """
 
 from cython.parallel cimport prange
 from libc.math cimport expf, tanhf
-from libc.stdint cimport int64_t, uint16_t
+from libc.stdint cimport int8_t, int64_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 cdef extern from *:
     """
-    #include <stdint.h>
-    #include <string.h>
-    /* bf16 -> fp32 is exact: the bf16 bits are the high half of the fp32 bits.
-       memcpy is the portable bit cast; compilers turn it into a register move and
-       vectorise loops around it (vpmovzxwd + vpslld on AVX2). */
-    static inline float sl_bf16_to_f32(uint16_t v) {
-        uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, sizeof f); return f;
-    }
     #ifdef _OPENMP
     #include <omp.h>
     static int sl_have_openmp(void) { return 1; }
@@ -46,83 +40,48 @@ cdef extern from *:
     static int sl_have_openmp(void) { return 0; }
     static int sl_omp_max_threads(void) { return 1; }
     #endif
-    /* y[k] += a0*d0[k] + a1*d1[k] + a2*d2[k] + a3*d3[k], summed strictly left to right.
-       The module is built with -ffast-math (the dot products need reassociation to
-       vectorise); here reassociation is turned off so that the vector body and the scalar
-       tail round alike and y does not depend on where a thread's chunk starts. Each
-       element is independent, so the loop still vectorises. */
-    #pragma GCC push_options
-    #pragma GCC optimize ("no-associative-math")
-    static void sl_axpy4_f32(float* y, const float* d0, const float* d1, const float* d2,
-                             const float* d3, float a0, float a1, float a2, float a3,
-                             long k0, long k1) {
-        for (long k = k0; k < k1; k++) {
-            float acc = y[k];
-            acc += a0 * d0[k]; acc += a1 * d1[k]; acc += a2 * d2[k]; acc += a3 * d3[k];
-            y[k] = acc;
-        }
-    }
-    /* gcc does not inline across different optimize options, so sl_bf16_to_f32 is
-       spelled out here as a macro (a call per element is 4x slower, measured) */
-    #define SL_BF16(v) __extension__ ({ uint32_t u_ = ((uint32_t)(v)) << 16; float f_; \
-                                        memcpy(&f_, &u_, sizeof f_); f_; })
-    static void sl_axpy4_bf16(float* y, const uint16_t* d0, const uint16_t* d1,
-                              const uint16_t* d2, const uint16_t* d3, float a0, float a1,
-                              float a2, float a3, long k0, long k1) {
-        for (long k = k0; k < k1; k++) {
-            float acc = y[k];
-            acc += a0 * SL_BF16(d0[k]); acc += a1 * SL_BF16(d1[k]);
-            acc += a2 * SL_BF16(d2[k]); acc += a3 * SL_BF16(d3[k]);
-            y[k] = acc;
-        }
-    }
-    #pragma GCC pop_options
-    static int sl_simd_flags(void) {
-        int f = 0;
-    #ifdef __SSE4_2__
-        f |= 1;
-    #endif
-    #ifdef __AVX2__
-        f |= 2;
-    #endif
-    #ifdef __FMA__
-        f |= 4;
-    #endif
-    #ifdef __AVX512F__
-        f |= 8;
-    #endif
-    #ifdef __ARM_NEON
-        f |= 16;
-    #endif
-        return f;
-    }
     """
-    float sl_bf16_to_f32(uint16_t v) noexcept nogil
     int sl_have_openmp() noexcept nogil
     int sl_omp_max_threads() noexcept nogil
-    int sl_simd_flags() noexcept nogil
+
+cdef extern from "csrc/sl_kernels.h":
+    int sl_isa
+    int SL_N_ISA
+    const char* sl_isa_names[]
+    int sl_isa_supported(int isa) noexcept nogil
+    int sl_isa_best() noexcept nogil
+    int sl_needs_xb(int is_bf16) noexcept nogil
+    void sl_prefetch_row(const void* p, long nbytes) noexcept nogil
+    void sl_prep_xb(const float* x, long n, uint16_t* xb) noexcept nogil
+    void sl_dot4_f32(const float* w0, const float* w1, const float* w2, const float* w3,
+                     const float* x, long h, float* out) noexcept nogil
+    void sl_dot4_bf16(const uint16_t* w0, const uint16_t* w1, const uint16_t* w2,
+                      const uint16_t* w3, const float* x, const uint16_t* xb, long h,
+                      float* out) noexcept nogil
+    void sl_dot4_i8(const int8_t* w0, const int8_t* w1, const int8_t* w2, const int8_t* w3,
+                    const float* x, long h, float* out) noexcept nogil
     void sl_axpy4_f32(float* y, const float* d0, const float* d1, const float* d2,
-                      const float* d3, float a0, float a1, float a2, float a3,
-                      long k0, long k1) noexcept nogil
+                      const float* d3, const float* a, long k0, long k1) noexcept nogil
     void sl_axpy4_bf16(float* y, const uint16_t* d0, const uint16_t* d1, const uint16_t* d2,
-                       const uint16_t* d3, float a0, float a1, float a2, float a3,
-                       long k0, long k1) noexcept nogil
+                       const uint16_t* d3, const float* a, long k0, long k1) noexcept nogil
+    void sl_axpy4_i8(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                     const int8_t* d3, const float* a, long k0, long k1) noexcept nogil
+    void sl_dot4_i8b(const int8_t* w0, const int8_t* w1, const int8_t* w2, const int8_t* w3,
+                     const float* c0, const float* c1, const float* c2, const float* c3,
+                     const float* x, long h, float* out) noexcept nogil
+    void sl_axpy4_i8b(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                      const int8_t* d3, const float* c0, const float* c1, const float* c2,
+                      const float* c3, const float* a, long k0, long k1) noexcept nogil
 
 ctypedef fused wtype:
     float
     uint16_t
+    int8_t
 
 # activation codes; the Python layer maps names ("silu", "gelu_tanh", "relu") to these
 ACT_SILU = 0
 ACT_GELU_TANH = 1
 ACT_RELU = 2
-
-cdef inline float _ld(const wtype* p, Py_ssize_t k) noexcept nogil:
-    if wtype is float:
-        return p[k]
-    else:
-        return sl_bf16_to_f32(p[k])
-
 
 cdef inline float _act(float v, int act) noexcept nogil:
     if act == 0:
@@ -134,65 +93,62 @@ cdef inline float _act(float v, int act) noexcept nogil:
         return v if v > 0 else 0.0
 
 
+# bytes of the next pair's rows prefetched before a pair's dot products
+cdef long PF_BYTES = 512
+
+
+def _set_prefetch(long nbytes):
+    global PF_BYTES
+    PF_BYTES = nbytes
+
 cdef enum:
-    # elements per block of the dot/axpy loops: 1 KiB of fp32, 512 B of bf16
+    # elements per block of the down pass: 1 KiB of fp32 y per row group
     BLOCK = 256
 
 
 cdef inline void _gate_up_pair(const wtype* g0, const wtype* u0, const wtype* g1,
-                               const wtype* u1, const float* x, Py_ssize_t bsz, Py_ssize_t h, int act,
-                               float* out0, float* out1) noexcept nogil:
+                               const wtype* u1, const float* sc0, const float* sc1,
+                               Py_ssize_t nb, const float* x, const uint16_t* xb, Py_ssize_t bsz,
+                               Py_ssize_t h, int act, float* out0, float* out1) noexcept nogil:
     """out0[b] = act(g0 . x[b]) * (u0 . x[b]) and the same for row 1, every batch row b.
 
     Two neuron rows at a time: four weight streams share each load of ``x`` and give four
     independent FMA chains, which keeps more cache-line fills in flight than one row's two
     streams (measured ~25 % more bandwidth on one core at 3B shapes). ``g1``/``u1`` may be
-    NULL (an odd row count): then only row 0 is computed. No software prefetch: with four
-    streams the hardware prefetchers keep up, and prefetching the next rows' blocks made
-    both kernels 20-30 % slower (measured at 3B shapes, fp32, one thread).
+    NULL (an odd row count): then row 0 is computed twice and row 1 not stored. int8:
+    ``sc0``/``sc1`` are the rows' ``[3, nb]`` (gate, up, down) scales. Per-row scales
+    (``nb == 1``): the down scale is folded into ``h``; per-block scales: the down pass
+    applies them.
     """
-    cdef float s0, s1, s2, s3, b0, b1, b2, b3, xv
-    cdef Py_ssize_t b, k, k0, k1
-    cdef const float* xb
+    cdef float s[4]
+    cdef Py_ssize_t b
     cdef bint two = g1 != NULL
+    if not two:
+        g1 = g0
+        u1 = u0
     for b in range(bsz):
-        xb = x + b * h
-        s0 = 0.0
-        s1 = 0.0
-        s2 = 0.0
-        s3 = 0.0
-        k0 = 0
-        while k0 < h:
-            k1 = k0 + BLOCK
-            if k1 > h:
-                k1 = h
-            b0 = 0.0
-            b1 = 0.0
-            b2 = 0.0
-            b3 = 0.0
-            # Plain reductions: under -ffast-math gcc/clang vectorise each with its own
-            # vector accumulator. Hand-written lane arrays made gcc vectorise the *outer*
-            # loop instead, with hundreds of permutes (4x slower, measured).
+        if wtype is float:
+            sl_dot4_f32(g0, u0, g1, u1, x + b * h, h, s)
+        elif wtype is uint16_t:
+            sl_dot4_bf16(g0, u0, g1, u1, x + b * h, xb + b * h if xb != NULL else NULL, h, s)
+        elif nb > 1:
+            sl_dot4_i8b(g0, u0, g1, u1, sc0, sc0 + nb, sc1, sc1 + nb, x + b * h, h, s)
+        else:
+            sl_dot4_i8(g0, u0, g1, u1, x + b * h, h, s)
+            s[0] *= sc0[0]
+            s[1] *= sc0[1]
             if two:
-                for k in range(k0, k1):
-                    xv = xb[k]
-                    b0 += _ld(g0, k) * xv
-                    b1 += _ld(u0, k) * xv
-                    b2 += _ld(g1, k) * xv
-                    b3 += _ld(u1, k) * xv
-            else:
-                for k in range(k0, k1):
-                    xv = xb[k]
-                    b0 += _ld(g0, k) * xv
-                    b1 += _ld(u0, k) * xv
-            s0 += b0
-            s1 += b1
-            s2 += b2
-            s3 += b3
-            k0 = k1
-        out0[b] = _act(s0, act) * s1
+                s[2] *= sc1[0]
+                s[3] *= sc1[1]
+        out0[b] = _act(s[0], act) * s[1]
+        if wtype is int8_t:
+            if nb == 1:
+                out0[b] *= sc0[2]
         if two:
-            out1[b] = _act(s2, act) * s3
+            out1[b] = _act(s[2], act) * s[3]
+            if wtype is int8_t:
+                if nb == 1:
+                    out1[b] *= sc1[2]
 
 
 cdef inline const wtype* _row(const wtype* base, Py_ssize_t stride, const int64_t* idx,
@@ -200,9 +156,16 @@ cdef inline const wtype* _row(const wtype* base, Py_ssize_t stride, const int64_
     return base + (idx[r] if idx != NULL else r) * stride
 
 
+cdef inline const float* _dsc(const float* sc, Py_ssize_t nb, const int64_t* idx,
+                             Py_ssize_t r) noexcept nogil:
+    """Row ``r``'s per-block down scales in a ``[rows, 3, nb]`` scale array."""
+    return sc + (3 * (idx[r] if idx != NULL else r) + 2) * nb
+
+
 cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64_t* idx,
                              Py_ssize_t n, const float* hb, Py_ssize_t bsz, Py_ssize_t h,
-                             float* y, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+                             float* y, Py_ssize_t c0, Py_ssize_t c1, const float* sc,
+                             Py_ssize_t nb) noexcept nogil:
     """y[b, c0:c1] += sum_r hb[r, b] * down[row(r), c0:c1], four rows at a time.
 
     Four rows per pass over the chunk of ``y`` read and write ``y`` a quarter as often and
@@ -214,7 +177,11 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
     cdef const wtype* d2
     cdef const wtype* d3
     cdef float* yb
-    cdef float a0, a1, a2, a3
+    cdef float a[4]
+    cdef const float* e0 = NULL
+    cdef const float* e1 = NULL
+    cdef const float* e2 = NULL
+    cdef const float* e3 = NULL
     r = 0
     while r < n:
         m = n - r
@@ -225,100 +192,206 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
         d1 = _row(down, d_stride, idx, r + 1) if m > 1 else d0
         d2 = _row(down, d_stride, idx, r + 2) if m > 2 else d0
         d3 = _row(down, d_stride, idx, r + 3) if m > 3 else d0
+        if wtype is int8_t:
+            if nb > 1:
+                e0 = _dsc(sc, nb, idx, r)
+                e1 = _dsc(sc, nb, idx, r + 1) if m > 1 else e0
+                e2 = _dsc(sc, nb, idx, r + 2) if m > 2 else e0
+                e3 = _dsc(sc, nb, idx, r + 3) if m > 3 else e0
         k0 = c0
         while k0 < c1:
             k1 = k0 + BLOCK
             if k1 > c1:
                 k1 = c1
             for b in range(bsz):
-                a0 = hb[r * bsz + b]
-                a1 = hb[(r + 1) * bsz + b] if m > 1 else 0.0
-                a2 = hb[(r + 2) * bsz + b] if m > 2 else 0.0
-                a3 = hb[(r + 3) * bsz + b] if m > 3 else 0.0
+                a[0] = hb[r * bsz + b]
+                a[1] = hb[(r + 1) * bsz + b] if m > 1 else 0.0
+                a[2] = hb[(r + 2) * bsz + b] if m > 2 else 0.0
+                a[3] = hb[(r + 3) * bsz + b] if m > 3 else 0.0
                 # exact zeros (ReLU, or a zero gate) add nothing; skip the pass
-                if a0 == 0.0 and a1 == 0.0 and a2 == 0.0 and a3 == 0.0:
+                if a[0] == 0.0 and a[1] == 0.0 and a[2] == 0.0 and a[3] == 0.0:
                     continue
                 yb = y + b * h
                 if wtype is float:
-                    sl_axpy4_f32(yb, d0, d1, d2, d3, a0, a1, a2, a3, k0, k1)
+                    sl_axpy4_f32(yb, d0, d1, d2, d3, a, k0, k1)
+                elif wtype is uint16_t:
+                    sl_axpy4_bf16(yb, d0, d1, d2, d3, a, k0, k1)
+                elif nb > 1:
+                    sl_axpy4_i8b(yb, d0, d1, d2, d3, e0, e1, e2, e3, a, k0, k1)
                 else:
-                    sl_axpy4_bf16(yb, d0, d1, d2, d3, a0, a1, a2, a3, k0, k1)
+                    sl_axpy4_i8(yb, d0, d1, d2, d3, a, k0, k1)
             k0 = k1
         r += 4
 
 
 cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
               const wtype* down, Py_ssize_t d_stride, const int64_t* idx, Py_ssize_t n,
-              const float* x, Py_ssize_t bsz, Py_ssize_t h, float* y, int act,
-              int n_threads) except -1:
+              const float* sc, Py_ssize_t nb, const float* x, Py_ssize_t bsz, Py_ssize_t h,
+              float* y, int act, int n_threads) except -1:
     cdef float* hb
+    cdef uint16_t* xb = NULL
+    cdef const float* sc0
+    cdef const float* sc1
     cdef Py_ssize_t p, r, c, c0, c1, nchunks, chunk, npairs
     cdef const wtype* g1
     cdef const wtype* u1
+    cdef const wtype* g1n
     cdef Py_ssize_t up_offset = up - gate
     memset(y, 0, bsz * h * sizeof(float))
     if n == 0:
         return 0
     if n_threads < 1:
         n_threads = 1
-    hb = <float*>malloc(n * bsz * sizeof(float))
+    hb = <float*>malloc((n + 1) * bsz * sizeof(float))
     if hb == NULL:
         raise MemoryError("sparse MLP scratch buffer")
-    # one chunk per thread, 16-float aligned so chunks never share a cache line of y
+    if wtype is uint16_t:
+        if sl_needs_xb(1):
+            xb = <uint16_t*>malloc(bsz * h * sizeof(uint16_t))
+            if xb == NULL:
+                free(hb)
+                raise MemoryError("sparse MLP scratch buffer")
+            sl_prep_xb(x, bsz * h, xb)
+    # one chunk per thread, 32-float aligned so chunks never share a cache line of y and
+    # start on an int8 scale block
     nchunks = n_threads if h >= 64 * n_threads else 1
-    chunk = ((h + nchunks - 1) // nchunks + 15) // 16 * 16
+    chunk = ((h + nchunks - 1) // nchunks + 31) // 32 * 32
     npairs = (n + 1) // 2
     with nogil:
         for p in prange(npairs, num_threads=n_threads, schedule='static'):
             r = 2 * p
             g1 = NULL
             u1 = NULL
+            sc0 = NULL
+            sc1 = NULL
+            if sc != NULL:
+                sc0 = sc + 3 * nb * (idx[r] if idx != NULL else r)
+                sc1 = sc0
             if r + 1 < n:
                 g1 = _row(gate, gu_stride, idx, r + 1)
                 u1 = g1 + up_offset
+                if sc != NULL:
+                    sc1 = sc + 3 * nb * (idx[r + 1] if idx != NULL else r + 1)
+            if PF_BYTES > 0 and r + 3 < n:
+                g1n = _row(gate, gu_stride, idx, r + 2)
+                sl_prefetch_row(g1n, PF_BYTES)
+                sl_prefetch_row(g1n + up_offset, PF_BYTES)
+                g1n = _row(gate, gu_stride, idx, r + 3)
+                sl_prefetch_row(g1n, PF_BYTES)
+                sl_prefetch_row(g1n + up_offset, PF_BYTES)
             _gate_up_pair(_row(gate, gu_stride, idx, r), _row(gate, gu_stride, idx, r) + up_offset,
-                          g1, u1, x, bsz, h, act, hb + r * bsz, hb + (r + 1) * bsz)
+                          g1, u1, sc0, sc1, nb, x, xb, bsz, h, act, hb + r * bsz,
+                          hb + (r + 1) * bsz)
         for c in prange(nchunks, num_threads=n_threads, schedule='static'):
             c0 = c * chunk
             c1 = c0 + chunk
             if c1 > h:
                 c1 = h
             if c0 < c1:
-                _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1)
+                _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1, sc, nb)
     free(hb)
+    if xb != NULL:
+        free(xb)
     return 0
 
 
 def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,
                   const int64_t[::1] idx, const float[:, ::1] x, float[:, ::1] y, int act,
-                  int n_threads):
-    """By index: rows ``idx`` of the full ``gate``/``up``/``down_t`` ``[I, H]``, in place."""
+                  int n_threads, const float[:, :, ::1] scales=None):
+    """By index: rows ``idx`` of the full ``gate``/``up``/``down_t`` ``[I, H]``, in place.
+    int8 weights need ``scales [I, 3, nb]`` (gate, up, down scales of each neuron: one per
+    row, ``nb == 1``, or one per block of 32, ``nb == H / 32``)."""
     cdef Py_ssize_t n = idx.shape[0], bsz = x.shape[0], h = x.shape[1]
+    cdef const float* sc = NULL
+    cdef Py_ssize_t nb = 1
     if n == 0:
         y[:, :] = 0.0
         return None
-    _run(&gate[0, 0], &up[0, 0], h, &down_t[0, 0], h, &idx[0], n, &x[0, 0], bsz, h,
+    if wtype is int8_t:
+        if scales is None:
+            raise ValueError("int8 weights need scales")
+        sc = &scales[0, 0, 0]
+        nb = scales.shape[2]
+    _run(&gate[0, 0], &up[0, 0], h, &down_t[0, 0], h, &idx[0], n, sc, nb, &x[0, 0], bsz, h,
          &y[0, 0], act, n_threads)
     return None
 
 
 def cache_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t, Py_ssize_t n,
-                  const float[:, ::1] x, float[:, ::1] y, int act, int n_threads):
+                  const float[:, ::1] x, float[:, ::1] y, int act, int n_threads,
+                  const float[:, :, ::1] scales=None):
     """Over the cache: the first ``n`` slots of a cache's ``gate_up [cap, 2, H]`` and
-    ``down_t [cap, H]`` buffers, which are contiguous, so no index indirection."""
+    ``down_t [cap, H]`` buffers, which are contiguous, so no index indirection. int8
+    weights need the slots' ``scales [cap, 3, nb]``."""
     cdef Py_ssize_t bsz = x.shape[0], h = x.shape[1]
+    cdef const float* sc = NULL
+    cdef Py_ssize_t nb = 1
     if n == 0:
         y[:, :] = 0.0
         return None
-    _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, NULL, n, &x[0, 0],
-         bsz, h, &y[0, 0], act, n_threads)
+    if wtype is int8_t:
+        if scales is None:
+            raise ValueError("int8 weights need scales")
+        sc = &scales[0, 0, 0]
+        nb = scales.shape[2]
+    _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, NULL, n, sc, nb,
+         &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
     return None
 
 
+def bundle_forward(const wtype[:, :, ::1] bundle, const int64_t[::1] idx, const float[:, ::1] x,
+                   float[:, ::1] y, int act, int n_threads):
+    """By index over a bundled ``[I, 3, H]`` array (a neuron's gate row, up row and down
+    column stored together, e.g. a memory-mapped weight file), read in place."""
+    cdef Py_ssize_t n = idx.shape[0], bsz = x.shape[0], h = x.shape[1]
+    if n == 0:
+        y[:, :] = 0.0
+        return None
+    if wtype is int8_t:
+        raise ValueError("a weight bundle holds float weights (fp32 or bf16), not int8")
+    _run(&bundle[0, 0, 0], &bundle[0, 1, 0], 3 * h, &bundle[0, 2, 0], 3 * h, &idx[0], n,
+         NULL, 1, &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
+    return None
+
+
+def slots_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t,
+                  const int64_t[::1] slots, const float[:, ::1] x, float[:, ::1] y, int act,
+                  int n_threads):
+    """By index over a cache's buffers: only the slots ``slots`` (a windowed cache holds
+    more rows than the step computes)."""
+    cdef Py_ssize_t n = slots.shape[0], bsz = x.shape[0], h = x.shape[1]
+    if n == 0:
+        y[:, :] = 0.0
+        return None
+    if wtype is int8_t:
+        raise ValueError("slots_forward runs float caches (fp32 or bf16), not int8")
+    _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, &slots[0], n,
+         NULL, 1, &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
+    return None
+
+
+ISA_NAMES = tuple(sl_isa_names[i].decode() for i in range(SL_N_ISA))
+
+
+def supported_isas():
+    """Names of the code paths this CPU runs, slowest first."""
+    return tuple(ISA_NAMES[i] for i in range(SL_N_ISA) if sl_isa_supported(i))
+
+
+def best_isa():
+    return ISA_NAMES[sl_isa_best()]
+
+
+def get_isa():
+    return ISA_NAMES[sl_isa]
+
+
+def set_isa_unchecked(str name):
+    """Switch this module's kernels to path ``name`` (the caller checked the CPU runs it)."""
+    global sl_isa
+    sl_isa = ISA_NAMES.index(name)
+
+
 def build_info():
-    """Facts about this build: OpenMP, OpenMP's default thread count, SIMD macros."""
-    cdef int f = sl_simd_flags()
-    simd = [name for bit, name in ((1, "sse4.2"), (2, "avx2"), (4, "fma"), (8, "avx512f"),
-                                   (16, "neon")) if f & bit]
-    return {"openmp": bool(sl_have_openmp()), "omp_max_threads": sl_omp_max_threads(),
-            "simd": simd}
+    """Facts about this build: OpenMP, OpenMP's default thread count."""
+    return {"openmp": bool(sl_have_openmp()), "omp_max_threads": sl_omp_max_threads()}

@@ -21,6 +21,17 @@ from libc.stdint cimport int64_t, uint8_t
 
 import numpy as np
 
+cdef extern from "csrc/sl_kernels.h":
+    int sl_isa
+    const char* sl_isa_names[]
+    float sl_dot1_f32(const float* a, const float* b, long n) noexcept nogil
+
+
+def set_isa_unchecked(str name):
+    """Switch this module's dot products to path ``name`` (``sparselab._fast.isa`` checks it)."""
+    global sl_isa
+    sl_isa = [sl_isa_names[i].decode() for i in range(4)].index(name)
+
 
 cdef void _pass(const float[:, ::1] first, const float[:, ::1] second,
                 const float[::1] bias, const float[:, ::1] x, float[:, ::1] z,
@@ -30,7 +41,7 @@ cdef void _pass(const float[:, ::1] first, const float[:, ::1] second,
     (``mask[j]``: above it in any row), or, with ``keep_scores``, written to ``scores``."""
     cdef Py_ssize_t n_rows = x.shape[0], hidden = x.shape[1]
     cdef Py_ssize_t rank = first.shape[0], n_neurons = second.shape[0]
-    cdef Py_ssize_t b, r, j, k
+    cdef Py_ssize_t b, r, j
     cdef float acc
     cdef uint8_t hit
     # one parallel region (one fork/join per call): the rank-space projection split by
@@ -39,16 +50,11 @@ cdef void _pass(const float[:, ::1] first, const float[:, ::1] second,
     with parallel(num_threads=n_threads):
         for r in prange(rank, schedule="static"):
             for b in range(n_rows):
-                acc = 0.0
-                for k in range(hidden):
-                    acc = acc + first[r, k] * x[b, k]
-                z[b, r] = acc
+                z[b, r] = sl_dot1_f32(&first[r, 0], &x[b, 0], hidden)
         for j in prange(n_neurons, schedule="static"):
             hit = 0
             for b in range(n_rows):
-                acc = bias[j]
-                for r in range(rank):
-                    acc = acc + second[j, r] * z[b, r]
+                acc = bias[j] + sl_dot1_f32(&second[j, 0], &z[b, 0], rank)
                 if keep_scores:
                     scores[b, j] = acc
                 elif acc > threshold:

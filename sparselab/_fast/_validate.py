@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from sparselab._fast import _mlp
+from sparselab._fast.quant import Int8Blocks, Int8Rows
 
 ACTIVATIONS = ("silu", "gelu_tanh", "relu")
 _ACTIVATION_CODES = {"silu": _mlp.ACT_SILU, "gelu_tanh": _mlp.ACT_GELU_TANH, "relu": _mlp.ACT_RELU}
@@ -93,7 +94,19 @@ def check_threads(n_threads) -> int:
 
 
 def check_weight(t, name: str, dtype=None) -> tuple[torch.Tensor, np.ndarray]:
-    """Check a 2-D CPU weight and return it with a numpy view of its bits (uint16 for bf16)."""
+    """Check a 2-D CPU weight and return it with a numpy view of its bits (uint16 for bf16).
+    An :class:`~sparselab._fast.quant.Int8Rows` gives its int8 tensor (dtype ``torch.int8``;
+    the caller takes the scales)."""
+    if isinstance(t, (Int8Rows, Int8Blocks)):
+        if dtype is not None and dtype != torch.int8:
+            raise ValueError(f"{name} is int8 but the other weights are {dtype}")
+        q = t.q
+        if q.device.type != "cpu" or not q.is_contiguous() or q.shape[0] == 0 or q.shape[1] == 0:
+            raise ValueError(f"{name}: int8 weights must be non-empty, contiguous, on the CPU")
+        return q.detach(), q.detach().numpy()
+    if dtype == torch.int8:
+        raise ValueError(f"{name} is {getattr(t, 'dtype', type(t).__name__)} but the other "
+                         "weights are int8 (pass every weight through quantize_int8)")
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
@@ -127,7 +140,10 @@ def prep_x(x, hidden: int, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
         raise ValueError(f"x must be a torch tensor, got {type(x).__name__}")
     if x.device.type != "cpu":
         raise ValueError(f"x must be on the CPU, got device {x.device}")
-    if x.dtype != dtype:
+    if dtype == torch.int8:
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"x has dtype {x.dtype}; int8 weights take float32 or bfloat16 x")
+    elif x.dtype != dtype:
         raise ValueError(f"x has dtype {x.dtype} but the weights are {dtype}")
     if x.dim() not in (1, 2):
         raise ValueError(f"x must be [batch, hidden] or [hidden], got shape {tuple(x.shape)}")
@@ -141,7 +157,7 @@ def prep_x(x, hidden: int, dtype: torch.dtype) -> tuple[np.ndarray, bool]:
 
 def resolve_out_dtype(out_dtype, dtype: torch.dtype) -> torch.dtype:
     if out_dtype is None:
-        return dtype
+        return torch.float32 if dtype == torch.int8 else dtype
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     return out_dtype
@@ -150,3 +166,24 @@ def resolve_out_dtype(out_dtype, dtype: torch.dtype) -> torch.dtype:
 def finish(y32: torch.Tensor, was_1d: bool, out_dtype: torch.dtype) -> torch.Tensor:
     y = y32 if out_dtype == torch.float32 else y32.to(out_dtype)
     return y[0] if was_1d else y
+
+
+_BUNDLE_NP = {torch.float32: np.float32, torch.bfloat16: np.uint16}
+
+
+def check_bundle(bundle, name: str, dtype: torch.dtype) -> np.ndarray:
+    """Check a bundled ``[I, 3, H]`` weight array (gate row, up row, down column of each
+    neuron adjacent; float32, or bfloat16 stored as uint16 bits) and return it as is (a
+    read-only memory map stays a memory map: nothing is copied)."""
+    if dtype not in _BUNDLE_NP:
+        raise ValueError(f"{name}: dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if not isinstance(bundle, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array [I, 3, H], got {type(bundle).__name__}")
+    if bundle.ndim != 3 or bundle.shape[1] != 3 or bundle.shape[0] == 0 or bundle.shape[2] == 0:
+        raise ValueError(f"{name} must have shape [I, 3, H] (I, H > 0), got {bundle.shape}")
+    if bundle.dtype != _BUNDLE_NP[dtype]:
+        raise ValueError(f"{name} has numpy dtype {bundle.dtype}; {dtype} is stored as "
+                         f"{np.dtype(_BUNDLE_NP[dtype])}")
+    if not bundle.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    return bundle

@@ -18,6 +18,7 @@ from sparselab._fast._validate import (
     activation_code,
     bits_view,
     bool_array,
+    check_bundle,
     check_tail,
     check_threads,
     check_weight,
@@ -28,6 +29,7 @@ from sparselab._fast._validate import (
     word_array,
 )
 from sparselab._fast.masks import pack, xor_diff
+from sparselab._fast.quant import stacked_scales
 
 __all__ = ["UpdateStats", "WeightCache"]
 
@@ -97,6 +99,8 @@ class WeightCache:
             raise ValueError("pass exactly one of down_weight [H, I] or down_t= [I, H]")
         if down_mode not in ("transpose", "columns"):
             raise ValueError(f"down_mode must be 'transpose' or 'columns', got {down_mode!r}")
+        if dtype == torch.int8 and down_t is None:
+            raise ValueError("int8 weights need down_t= (quantize_int8 of down_proj.weight.t())")
         self._n_threads = check_threads(n_threads)
         self._columns = False
         self._owned_down_bytes = 0
@@ -125,10 +129,50 @@ class WeightCache:
 
         self._weights = (gate, up, dt)  # references keep the numpy views below valid
         self._src = (gate_np, up_np, dt_np)
+        self._bundle = None
+        self._prefetch = None
+        # int8: every neuron's (gate, up, down) scale; the cache keeps its slots' copy in _sc
+        self._src_sc = None
+        if dtype == torch.int8:
+            self._src_sc = stacked_scales(gate_weight, up_weight, down_t)
+        self._init_state(dtype, n_neurons, hidden, capacity)
+
+    @classmethod
+    def from_bundle(cls, bundle: np.ndarray, dtype: torch.dtype = torch.float32, capacity=None,
+                    *, n_threads=None, prefetch=None) -> WeightCache:
+        """A cache whose rows are filled from a bundled ``[I, 3, H]`` array (a neuron's gate
+        row, up row and down column adjacent: one contiguous read per entering neuron), e.g.
+        a memory-mapped :class:`~sparselab.runtime.weight_file.MLPWeightFile` layer.
+
+            >>> cache = WeightCache.from_bundle(weight_file.layer(3), torch.float32)
+            >>> cache.update(mask); y = cache.forward(x, "silu")
+
+        The bundle is referenced, never copied; only entering neurons are read from it.
+        ``prefetch``: called with the entering neurons (int64, sorted) before they are
+        copied, e.g. :meth:`MLPWeightFile.prefetcher` to start their reads asynchronously.
+        """
+        bundle = check_bundle(bundle, "bundle", dtype)
+        n_neurons, _, hidden = bundle.shape
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(
+                capacity, (int, np.integer)) or not 0 <= capacity <= n_neurons):
+            raise ValueError(f"capacity must be an int in [0, {n_neurons}], got {capacity!r}")
+        self = cls.__new__(cls)
+        self._n_threads = check_threads(n_threads)
+        self._columns = False
+        self._owned_down_bytes = 0
+        self._weights = ()
+        self._src = ()
+        self._bundle = bundle
+        self._prefetch = prefetch
+        self._src_sc = None  # a bundle holds float weights only
+        self._init_state(dtype, n_neurons, hidden, 0 if capacity is None else capacity)
+        return self
+
+    def _init_state(self, dtype, n_neurons, hidden, capacity) -> None:
         self._dtype = dtype
         self._n_neurons = int(n_neurons)
         self._hidden = int(hidden)
-        self._itemsize = gate.element_size()
+        self._itemsize = torch.empty(0, dtype=dtype).element_size()
         self._mask = np.zeros(n_words(self._n_neurons), dtype=np.uint64)
         self._slot_of = np.full(self._n_neurons, -1, dtype=np.int64)
         self._n = 0
@@ -138,6 +182,8 @@ class WeightCache:
     # -- buffers
 
     def _alloc(self, capacity: int) -> None:
+        self._sc = (np.zeros((capacity, 3, self._src_sc.shape[2]), np.float32)
+                    if self._src_sc is not None else None)
         self._gu = torch.empty((capacity, 2, self._hidden), dtype=self._dtype)
         self._dt = torch.empty((capacity, self._hidden), dtype=self._dtype)
         self._gu_np = bits_view(self._gu)
@@ -282,16 +328,29 @@ class WeightCache:
             gu_np, dt_np = bits_view(gu), bits_view(dt)
             _cache.copy_prefix(old_gu_np, old_dt_np, gu_np, dt_np, n_old)
             order[:n_old] = self._order[:n_old]
+            if self._sc is not None:
+                sc = np.zeros((new_cap, *self._src_sc.shape[1:]), np.float32)
+                sc[:n_old] = self._sc[:n_old]
+                self._sc = sc
             self._gu, self._dt, self._gu_np, self._dt_np, self._order = gu, dt, gu_np, dt_np, order
             grow_bytes = n_old * self._slot_bytes
             self._totals["grows"] += 1
 
         # commit: copies, then bookkeeping
-        gate_np, up_np, dt_src = self._src
-        copy = _cache.copy_in_columns if self._columns else _cache.copy_in
-        copy(gate_np, up_np, dt_src, self._gu_np, self._dt_np, added, in_slots, nt)
+        if self._bundle is not None:
+            if self._prefetch is not None and na:
+                self._prefetch(added)
+            _cache.copy_in_bundle(self._bundle, self._gu_np, self._dt_np, added, in_slots, nt)
+        else:
+            gate_np, up_np, dt_src = self._src
+            copy = _cache.copy_in_columns if self._columns else _cache.copy_in
+            copy(gate_np, up_np, dt_src, self._gu_np, self._dt_np, added, in_slots, nt)
+        if self._sc is not None:
+            self._sc[in_slots] = self._src_sc[added]
         if mv_src.size:
             _cache.move_slots(self._gu_np, self._dt_np, mv_src, mv_dst)
+            if self._sc is not None:
+                self._sc[mv_dst] = self._sc[mv_src]
         order = self._order
         slot_of[removed] = -1
         order[in_slots] = added
@@ -328,7 +387,48 @@ class WeightCache:
         x32, was_1d = prep_x(x, self._hidden, self._dtype)
         y = torch.empty(x32.shape, dtype=torch.float32)
         if x32.shape[0]:
-            _mlp.cache_forward(self._gu_np, self._dt_np, self._n, x32, y.numpy(), code, nt)
+            _mlp.cache_forward(self._gu_np, self._dt_np, self._n, x32, y.numpy(), code, nt,
+                               self._sc)
         return finish(y, was_1d, od)
 
     __call__ = forward
+
+    def forward_neurons(self, x, neurons, activation: str, n_threads=None,
+                        out_dtype=None) -> torch.Tensor:
+        """The sparse MLP over some of the cached neurons only (a windowed cache holds the
+        last k tokens' neurons but a step computes its own set).
+
+            >>> y = cache.forward_neurons(x, idx, "silu")   # == sparse_mlp(x, ..., idx, "silu")
+
+        ``neurons``: 1-D unique integer neuron ids, every one held by the cache (else
+        ``ValueError``). Returns what the by-index kernel over the full weights returns.
+        """
+        code = activation_code(activation)
+        nt = check_threads(n_threads)
+        od = resolve_out_dtype(out_dtype, self._dtype)
+        arr = np.asarray(neurons)
+        if arr.ndim != 1 or arr.dtype.kind not in "iu":
+            raise ValueError(f"neurons must be a 1-D integer array, got {arr.dtype} {arr.shape}")
+        if arr.size and (arr.min() < 0 or arr.max() >= self._n_neurons):
+            raise ValueError(f"neurons must be in [0, {self._n_neurons})")
+        if np.unique(arr).size != arr.size:
+            raise ValueError("neurons contains duplicates")
+        slots = self._slot_of[arr]
+        if arr.size and slots.min() < 0:
+            raise ValueError(f"neuron {int(arr[slots < 0][0])} is not in the cache")
+        x32, was_1d = prep_x(x, self._hidden, self._dtype)
+        return finish(self.forward_slots_unchecked(x32, slots, code, nt), was_1d, od)
+
+    def forward_slots_unchecked(self, x32: np.ndarray, slots: np.ndarray, code: int,
+                                n_threads: int) -> torch.Tensor:
+        """:meth:`forward_neurons` on checked arguments: float32 ``x32`` ``[B, H]``, int64
+        cache ``slots`` (unique, held). Float32 ``[B, H]``."""
+        y = torch.empty(x32.shape, dtype=torch.float32)
+        if x32.shape[0]:
+            _mlp.slots_forward(self._gu_np, self._dt_np, np.ascontiguousarray(slots, np.int64),
+                               x32, y.numpy(), code, n_threads)
+        return y
+
+    def slots_of(self, neurons: np.ndarray) -> np.ndarray:
+        """Cache slots of ``neurons`` (-1 where a neuron is not held)."""
+        return self._slot_of[neurons]

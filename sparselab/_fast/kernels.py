@@ -17,14 +17,16 @@ from sparselab._fast import _masks, _mlp
 from sparselab._fast._validate import (
     activation_code,
     as_numpy,
+    check_bundle,
     check_threads,
     check_weight,
     finish,
     prep_x,
     resolve_out_dtype,
 )
+from sparselab._fast.quant import stacked_scales
 
-__all__ = ["IndexedMLP", "sparse_mlp"]
+__all__ = ["BundleMLP", "IndexedMLP", "sparse_mlp"]
 
 
 def _index_array(active_idx, n_neurons: int) -> np.ndarray:
@@ -50,7 +52,9 @@ def sparse_mlp(x, gate_weight, up_weight, down_t, active_idx, activation: str,
         >>> y = sparse_mlp(x, mlp.gate_proj.weight, mlp.up_proj.weight, down_t, idx, "silu")
 
     ``gate_weight``/``up_weight``/``down_t`` are ``[I, H]`` contiguous (``down_t`` is
-    ``down_proj.weight.t().contiguous()``), float32 or bfloat16. ``active_idx`` is 1-D
+    ``down_proj.weight.t().contiguous()``), float32 or bfloat16, or all three
+    :class:`~sparselab._fast.quant.Int8Rows` (``quantize_int8``; ``down_t`` quantized by
+    its rows; then ``x`` is float32 or bfloat16 and ``y`` float32 by default). ``active_idx`` is 1-D
     integer, unique, in ``[0, I)``, any order (sorted is friendlier to the prefetcher).
     """
     return IndexedMLP(gate_weight, up_weight, down_t, activation, n_threads)(x, active_idx, out_dtype)
@@ -79,6 +83,10 @@ class IndexedMLP:
         if dt.shape != gate.shape:
             raise ValueError(f"down_t has shape {tuple(dt.shape)}; expected [I, H] = "
                              f"{tuple(gate.shape)} (transpose down_proj.weight)")
+        self._scales = None
+        if gate.dtype == torch.int8:
+            # per neuron: (gate, up, down) scale, read by the kernel next to the rows
+            self._scales = stacked_scales(gate_weight, up_weight, down_t)
         self._weights = (gate, up, dt)  # keep the tensors the numpy views point into alive
         self.dtype = gate.dtype
         self.n_neurons, self.hidden = int(gate.shape[0]), int(gate.shape[1])
@@ -98,5 +106,39 @@ class IndexedMLP:
         if x32.shape[0]:
             nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
             _mlp.index_forward(self._gate_np, self._up_np, self._dt_np, idx, x32, y.numpy(),
-                               self._code, nt)
+                               self._code, nt, self._scales)
+        return y
+
+
+class BundleMLP(IndexedMLP):
+    """The by-index sparse MLP over a bundled ``[I, 3, H]`` array: row ``j`` holds neuron
+    ``j``'s gate row, up row and down column together (one contiguous read per neuron), e.g.
+    a layer of a memory-mapped :class:`~sparselab.runtime.weight_file.MLPWeightFile`, read
+    in place.
+
+        >>> mlp = BundleMLP(weight_file.layer(3), torch.float32, "silu")
+        >>> y = mlp(x, idx)            # == IndexedMLP(gate, up, down_t, "silu")(x, idx), bit for bit
+
+    ``bundle`` is float32, or bfloat16 stored as uint16 bits (``dtype`` says which).
+    ``prefetch``: called with each call's index list before the kernel reads it (e.g.
+    :meth:`MLPWeightFile.prefetcher`, which starts the reads asynchronously).
+    """
+
+    def __init__(self, bundle: np.ndarray, dtype: torch.dtype, activation: str,
+                 n_threads=None, prefetch=None) -> None:
+        self._prefetch = prefetch
+        self._code = activation_code(activation)
+        self._n_threads = None if n_threads is None else check_threads(n_threads)
+        self._bundle = check_bundle(bundle, "bundle", dtype)
+        self.dtype = dtype
+        self.n_neurons, self.hidden = int(bundle.shape[0]), int(bundle.shape[2])
+
+    def run_unchecked(self, x32: np.ndarray, idx: np.ndarray) -> torch.Tensor:
+        """As :meth:`IndexedMLP.run_unchecked`, reading the bundle in place."""
+        y = torch.empty(x32.shape, dtype=torch.float32)
+        if x32.shape[0]:
+            if self._prefetch is not None and idx.size:
+                self._prefetch(None if idx.size == self.n_neurons else idx)
+            nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
+            _mlp.bundle_forward(self._bundle, idx, x32, y.numpy(), self._code, nt)
         return y

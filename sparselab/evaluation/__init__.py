@@ -5,6 +5,7 @@
     >>> runs = sl.evaluation.compare(model, ids, {"dense": None, "sparse": make_handle})
 
 Modules: :mod:`.quality` (``evaluate``: perplexity, KL to dense, greedy agreement),
+:mod:`.frontier` (``frontier``: every selection method's quality against bytes read),
 :mod:`.byte_bound` (bytes read per decoded token and the bound they set),
 :mod:`.timing` (one timed generation and its per-part split), :mod:`.memory` (RSS and
 its peak), :mod:`.compare` (variants run alternately), :mod:`.summaries` (medians,
@@ -20,6 +21,7 @@ from sparselab.evaluation.byte_bound import (
     decode_bytes_from_config,
 )
 from sparselab.evaluation.compare import compare
+from sparselab.evaluation.frontier import FRONTIER_COLUMNS, frontier, smallest_bytes
 from sparselab.evaluation.memory import MemorySampler, release_memory, rss_bytes
 from sparselab.evaluation.quality import EVALUATION_MODES, evaluate
 from sparselab.evaluation.summaries import (
@@ -34,6 +36,7 @@ from sparselab.evaluation.timing import GenerationTiming, decode_split, time_gen
 
 __all__ = [
     "EVALUATION_MODES",
+    "FRONTIER_COLUMNS",
     "DecodeBytes",
     "GenerationTiming",
     "MemorySampler",
@@ -45,10 +48,12 @@ __all__ = [
     "decode_bytes_from_config",
     "decode_split",
     "evaluate",
+    "frontier",
     "headline",
     "release_memory",
     "rss_bytes",
     "shortfall",
+    "smallest_bytes",
     "speedups",
     "split_table",
     "summarize",

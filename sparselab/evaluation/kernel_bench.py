@@ -168,6 +168,91 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
     torch.set_num_threads(max(threads))
 
 
+FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row")
+# bytes read per weight: int8 blocks of 32 carry one float32 scale per 32 weights
+FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8_b32": 1.125, "int8_row": 1.0}
+
+
+def format_weights(g32, u32, d32):
+    """Every format's (gate, up, down_t) of one MLP, from float32 weights."""
+    from sparselab._fast.quant import quantize_int8
+
+    dt32 = d32.t().contiguous()
+    out = {"float32": (g32, u32, dt32),
+           "bfloat16": tuple(t.to(torch.bfloat16) for t in (g32, u32, dt32))}
+    for name, block in (("int8_b32", 32), ("int8_row", None)):
+        out[name] = tuple(quantize_int8(t, block) for t in (g32, u32, dt32))
+    return out
+
+
+def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_isa=("avx2",)):
+    """Both kernels on every weight format side by side (interleaved in one loop), with the
+    dense baselines of each format: torch fp32 and bf16, and the by-index kernel over all
+    neurons for int8 (the dense 8-bit MLP). ``extra_isa``: paths also timed for bf16 (to
+    show what a CPU without AVX-512 BF16 gets; same memory system)."""
+    from sparselab._fast import isa
+
+    hidden, inter = SHAPES[shape_name]
+    g32 = torch.randn(inter, hidden) / hidden**0.5
+    u32 = torch.randn(inter, hidden) / hidden**0.5
+    d32 = torch.randn(hidden, inter) / inter**0.5
+    fw = format_weights(g32, u32, d32)
+    x32 = torch.randn(1, hidden)
+    best = isa.current()
+    extra = [p for p in extra_isa if p in isa.supported() and p != best]
+    all_idx = np.arange(inter)
+    for nt in threads:
+        torch.set_num_threads(nt)
+        dense_mods = {f: (fw[f][0], fw[f][1], fw[f][2].t().contiguous())
+                      for f in ("float32", "bfloat16")}
+        for dens in densities:
+            mask = random_mask(inter, dens, rng)
+            idx = np.flatnonzero(mask)
+            fns = {}
+            for f in ("float32", "bfloat16"):
+                g, u, d = dense_mods[f]
+                xf = x32.to(g.dtype)
+                fns[f"dense_torch/{f}"] = (lambda g=g, u=u, d=d, xf=xf:
+                                           F.linear(F.silu(F.linear(xf, g)) * F.linear(xf, u), d))
+            for f in FORMATS:
+                g, u, dt = fw[f]
+                xf = x32.to(torch.bfloat16) if f == "bfloat16" else x32
+                cache = _fast.WeightCache(g, u, down_t=dt)
+                cache.update(mask)
+                im = _fast.IndexedMLP(g, u, dt, "silu", nt)
+                for path in [best] + (extra if f == "bfloat16" else []):
+                    def run_isa(fn, path=path):
+                        def call():
+                            if path == best:
+                                return fn()
+                            with isa.use(path):
+                                return fn()
+                        return call
+                    tag = f"{f}" if path == best else f"{f}@{path}"
+                    fns[f"cache_kernel/{tag}"] = run_isa(
+                        lambda c=cache, xf=xf, nt=nt: c.forward(xf, "silu", n_threads=nt))
+                    fns[f"index_kernel/{tag}"] = run_isa(
+                        lambda im=im, xf=xf, idx=idx: im(xf, idx))
+                if f.startswith("int8"):
+                    fns[f"dense_kernel/{f}"] = lambda im=im, xf=xf: im(xf, all_idx)
+            t = interleaved(fns, reps)
+            med = {k: stats_ms(v)[0] for k, v in t.items()}
+            for name, ns in t.items():
+                m, q1, q3 = stats_ms(ns)
+                method, tag = name.split("/")
+                f = tag.split("@")[0]
+                rows.add(section="formats", shape=shape_name, hidden=hidden, inter=inter,
+                         dtype=f, isa=tag.split("@")[1] if "@" in tag else best, threads=nt,
+                         density=dens, method=method, median_ms=round(m, 4),
+                         q1_ms=round(q1, 4), q3_ms=round(q3, 4), reps=reps,
+                         bytes_per_weight=FORMAT_BYTES[f],
+                         speedup_vs_fp32_same_kernel=round(
+                             med.get(f"{method}/float32", float("nan")) / m, 3))
+            print(f"formats t={nt} d={dens}: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in med.items()), flush=True)
+    torch.set_num_threads(max(threads))
+
+
 def bench_update(rows: Rows, shapes, dtypes, densities, churns, reps, rng):
     torch.set_num_threads(1)
     for shape_name in shapes:

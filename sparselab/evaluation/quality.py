@@ -78,9 +78,9 @@ def _extra_configs(extra_modes, densities) -> list[tuple[str, float, dict[str, A
                             f"got {type(make).__name__}")
         for d in densities:
             kwargs = dict(make(float(d)))
-            if kwargs.get("mode") not in ("oracle", "static", "predicted"):
-                raise ValueError(f"extra mode {name!r}: its kwargs need mode='oracle', 'static' or "
-                                 f"'predicted', got {kwargs.get('mode')!r}")
+            if kwargs.get("mode") not in ("oracle", "static", "predicted", "method"):
+                raise ValueError(f"extra mode {name!r}: its kwargs need mode='oracle', 'static', "
+                                 f"'predicted' or 'method', got {kwargs.get('mode')!r}")
             fixed = sorted({"prefill", "kernel", "record_stats", "use_cache", "union"} & set(kwargs))
             if fixed:
                 raise ValueError(f"extra mode {name!r}: {fixed} are set by sl.evaluate itself")
@@ -158,6 +158,7 @@ def evaluate(
     kernel: str = "fast",
     progress: bool = True,
     extra_modes: Mapping[str, Callable[[float], dict[str, Any]]] | None = None,
+    methods: Sequence | None = None,
 ) -> pd.DataFrame:
     """Quality of ``model`` run sparsely, per mode and density, as one tidy DataFrame.
 
@@ -173,7 +174,11 @@ def evaluate(
     ``extra_modes`` adds named configurations scored on the same tokens against the same
     dense pass: ``{name: make}`` where ``make(density)`` returns ``sl.sparsify`` keyword
     arguments (e.g. ``{"random": lambda d: {"mode": "static", "static_neurons": sets(d)}}``
-    or another oracle rule); their rows carry ``mode=name``.
+    or another oracle rule, or ``{"mode": "method", "method": sl.prediction.methods.TEAL(0.7, d)
+    .fit(model, trace)}`` for any selection method); their rows carry ``mode=name``.
+    ``methods``: fitted selection methods (:mod:`sparselab.prediction.methods`), each
+    scored at its own operating point: rows ``mode="<name> <point>"``, density NaN.
+    :func:`sparselab.frontier` scores them with each method's bytes read.
     ``df.attrs`` holds the config, model identity and versions.
     """
     from tqdm.auto import tqdm
@@ -183,6 +188,8 @@ def evaluate(
     modes = tuple(modes)
     _check_args(texts, densities, modes, max_length, n_generate, n_prompts)
     configs, skipped = _plan(modes, densities, predictors, static_trace, rule_factory, extra_modes)
+    for m in methods or ():
+        configs.append((f"{m.name} {m.point}", float("nan"), {"mode": "method", "method": m}))
     sparse_configs = [c for c in configs if c[0] != "dense"]
     encoded = _encode(tokenizer, texts, max_length)
 
@@ -234,6 +241,7 @@ def evaluate(
         "teacher_forced_prefill": "per_token", "generation": "dense prefill, per-row sparse decode",
         "skipped": dict(skipped),
         "extra_modes": list(extra_modes or {}),
+        "methods": [m.describe() for m in methods or ()],
         "predictors": _describe_predictors(predictors),
     }
     df.attrs["model"] = model_identity(model)

@@ -16,6 +16,7 @@ from sparselab.models import ModelAdapter
 from sparselab.runtime.layout import untranspose_in_place
 from sparselab.runtime.sparse_mlp import RunState, SparseMLP
 from sparselab.runtime.stats import stats_frame
+from sparselab.runtime.weight_file import restore_layer_weights
 
 __all__ = ["SparseHandle"]
 
@@ -38,6 +39,7 @@ class SparseHandle:
         self.wrappers = wrappers
         self._hooks = hooks
         self.config = config
+        self.post_restore: list = []  # callables run by restore() after the layout is back
         self.active = True
 
     # -- info ------------------------------------------------------------------------------
@@ -78,8 +80,27 @@ class SparseHandle:
         df.attrs["config"] = dict(self.config)
         return df
 
+    def bytes_frame(self) -> pd.DataFrame:
+        """Method mode: per layer, MLP weight bytes read per token and their share of the
+        dense MLP's (columns layer, tokens, bytes_per_token, dense_bytes, bytes_share)."""
+        rows = [{"layer": layer, "tokens": n, "bytes_per_token": total / max(n, 1),
+                 "dense_bytes": dense, "bytes_share": total / max(n, 1) / dense}
+                for layer, (total, n, dense) in sorted(self._rt.bytes_read.items())]
+        return pd.DataFrame(rows, columns=["layer", "tokens", "bytes_per_token", "dense_bytes",
+                                           "bytes_share"])
+
+    def bytes_share(self) -> float:
+        """Method mode: MLP weight bytes read per token over all sparsified layers, as a
+        share of the dense MLPs' bytes (the method's own weights included); nan before
+        any token ran."""
+        df = self.bytes_frame()
+        if df.empty or not df.tokens.sum():
+            return float("nan")
+        return float((df.bytes_per_token.sum()) / df.dense_bytes.sum())
+
     def reset_stats(self) -> None:
-        """Forget recorded stats and restart step numbering."""
+        """Forget recorded stats (and bytes read) and restart step numbering."""
+        self._rt.bytes_read.clear()
         self._rt.records.clear()
         self._rt.step = -1
 
@@ -99,7 +120,12 @@ class SparseHandle:
                 setattr(spec.layer, spec.attr, wrapper.original)
             if wrapper.down_t is not None:
                 untranspose_in_place(spec.down_proj.weight, wrapper.down_t, scratch)
+            elif wrapper.bundle is not None:
+                restore_layer_weights(spec, self._rt.weight_file)
             wrapper.release()
+        for fn in self.post_restore:  # after the down weights are back in their layout
+            fn()
+        self.post_restore.clear()
         self.active = False
 
     def __enter__(self) -> SparseHandle:

@@ -46,9 +46,15 @@ class RunState:
     union: bool
     kernel: str
     record_stats: bool
+    method: Any = None  # a sparselab.prediction.selection.SelectionMethod in method mode
     step: int = -1
     valid: torch.Tensor | None = None  # bool [B, S] of the current call (attention mask)
     records: list[StepStats] = field(default_factory=list)
+    # method mode: layer -> [weight bytes read, tokens, dense MLP bytes per token]
+    bytes_read: dict[int, list[float]] = field(default_factory=dict)
+    window: int = 1  # the weight cache holds the neurons of the last `window` steps
+    weight_file: Any = None  # an MLPWeightFile: MLP weights read from it, not from the model
+    prefetch: bool = True  # start the reads of the rows a step needs before the kernel faults
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -89,7 +95,8 @@ class SparseMLP(nn.Module):
     is_sparselab_wrapper = True  # the model adapter does not re-verify a wrapper's formula
 
     def __init__(self, spec: LayerMLP, state: RunState, act_fn, *,
-                 down_t: torch.Tensor | None = None, static_idx: torch.Tensor | None = None) -> None:
+                 down_t: torch.Tensor | None = None, static_idx: torch.Tensor | None = None,
+                 int8=None) -> None:
         super().__init__()
         original = spec.mlp
         object.__setattr__(self, "original", original)  # not a child: no duplicate params
@@ -109,20 +116,43 @@ class SparseMLP(nn.Module):
         self.static_idx = static_idx
         self.cache = None
         self._indexed = None  # by-index kernel with the weights checked once
-        if down_t is not None and state.kernel == "fast":
+        # on disk: [I, 3, H] bundled rows of a memory-mapped MLPWeightFile, read in place
+        wf = state.weight_file
+        self.bundle = wf.layer(spec.index) if wf is not None else None
+        if self.bundle is not None:
             from sparselab import _fast
 
-            gate_w, up_w = self._weights
+            prefetch = wf.prefetcher(spec.index) if state.prefetch else None
+            self._indexed = _fast.BundleMLP(self.bundle, wf.dtype, state.activation, prefetch=prefetch)
             if state.mode == "predicted" and state.use_cache:
-                self.cache = _fast.WeightCache(gate_w, up_w, down_t=down_t)
+                self.cache = _fast.WeightCache.from_bundle(self.bundle, wf.dtype, prefetch=prefetch)
+        elif down_t is not None and state.kernel == "fast":
+            from sparselab import _fast
+
+            # int8: (gate, up, down_t) Int8Rows; the kernels read them instead of the
+            # (dequantized) model tensors
+            gate_w, up_w, kdown_t = int8 if int8 is not None else (*self._weights, down_t)
+            if state.mode == "predicted" and state.use_cache:
+                self.cache = _fast.WeightCache(gate_w, up_w, down_t=kdown_t)
             else:
-                self._indexed = _fast.IndexedMLP(gate_w, up_w, down_t, state.activation)
+                self._indexed = _fast.IndexedMLP(gate_w, up_w, kdown_t, state.activation)
+        if self.cache is not None and state.window > 1:
+            from sparselab.runtime.window import WindowedCache
+
+            self.cache = WindowedCache(self.cache, state.window)
         # decode-step selection fused in C (scores, selection, union) where it applies
         self._selector, self._form = (
-            _fused_selector(state, spec.index) if self._weights is not None and state.kernel == "fast"
+            _fused_selector(state, spec.index)
+            if (self._weights is not None or self.bundle is not None) and state.kernel == "fast"
             else (None, None))
         self.lookahead_input: torch.Tensor | None = None
         self._prev = np.zeros(self.n_neurons, dtype=bool)  # last mask (numpy), for churn
+        self._mlp_weights = None
+        if state.mode == "method":
+            from sparselab.prediction.selection import MLPWeights
+
+            gate_w, up_w = spec.gate_up_weights()
+            self._mlp_weights = MLPWeights(spec.index, gate_w, up_w, spec.down_proj.weight, act_fn)
         self.static_mask = None
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
@@ -131,10 +161,12 @@ class SparseMLP(nn.Module):
     def release(self) -> None:
         """Drop the kernels' views of the weights (the handle restores the layout first)."""
         self.down_t = None
+        self.bundle = None
         self.cache = None
         self._indexed = None
         self._selector = self._form = None
         self._weights = None
+        self._mlp_weights = None
 
     @property
     def last_mask(self) -> torch.Tensor:
@@ -192,7 +224,7 @@ class SparseMLP(nn.Module):
             t0 = clock()
             stats = self.cache.update(mask.numpy())
             t1 = clock()
-            y = self.cache.forward(x2, rt.activation)
+            y = self.cache.forward(x2, rt.activation, out_dtype=x2.dtype)
             return y, stats, t1 - t0, clock() - t1
         if idx is None:
             idx = torch.from_numpy(np.flatnonzero(mask.numpy()))
@@ -243,6 +275,8 @@ class SparseMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         decode = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
         try:
+            if self.rt.mode == "method":
+                return self._run_method(x, "decode" if decode else "prefill")
             if decode:
                 return self._decode(x)
             if self.rt.prefill == "dense":
@@ -254,10 +288,38 @@ class SparseMLP(nn.Module):
             if self.lookahead_input is not None:  # nn.Module.__setattr__ costs us per call
                 self.lookahead_input = None
 
+    def _run_method(self, x: torch.Tensor, phase: str) -> torch.Tensor:
+        """Method mode: each token's selection, the MLP over exactly what it reads, and
+        the bytes read counted (pad tokens included)."""
+        from sparselab.prediction.selection import dense_mlp_bytes, run_selection, selection_bytes
+
+        clock = self.rt.clock
+        x2 = x.reshape(-1, x.shape[-1])
+        w = self._mlp_weights
+        t0 = clock()
+        selection = self.rt.method.select(x2, w)
+        t1 = clock()
+        y = run_selection(x2, w, selection)
+        t2 = clock()
+        nbytes = selection_bytes(selection, w, x2.shape[0])
+        log = self.rt.bytes_read.setdefault(self.layer_index, [0.0, 0, float(dense_mlp_bytes(w))])
+        log[0] += float(nbytes.sum())
+        log[1] += x2.shape[0]
+        if self.rt.record_stats:
+            keep = selection.neurons()
+            active = float(self.n_neurons if keep is None else keep.sum(-1).double().mean())
+            self._record(phase, x2.shape[0], None, StepTimes(predictor=t1 - t0, mlp=t2 - t1),
+                         active=active)
+        return y.reshape(x.shape)
+
     def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
         clock = self.rt.clock
         t0 = clock()
-        y = self.original(x)
+        if self.bundle is not None:  # the weights are on disk: every neuron, read in place
+            all_idx = np.arange(self.n_neurons, dtype=np.int64)
+            y = self._indexed(x.reshape(-1, x.shape[-1]), all_idx).reshape(x.shape)
+        else:
+            y = self.original(x)
         self._record("prefill", _n_rows(x), None, StepTimes(mlp=clock() - t0), active=self.n_neurons)
         return y
 
@@ -376,7 +438,7 @@ class SparseMLP(nn.Module):
         if self.cache is not None:
             stats = self.cache.update(mask)
             t2 = clock()
-            y = self.cache.forward(x2, self.rt.activation)
+            y = self.cache.forward(x2, self.rt.activation, out_dtype=x2.dtype)
         else:
             stats, t2 = None, t1
             y = self._indexed.run_unchecked(x32, idx)

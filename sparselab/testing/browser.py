@@ -176,12 +176,55 @@ def cell_errors(page) -> list[str]:
     )
 
 
+# Plotly graphs drawn by live widgets and figures, not the static copies of widgets'
+# figures (sparselab.viz.static), which a live widget hides
+LIVE_PLOTS = ".js-plotly-plot:not(.sparselab-static .js-plotly-plot)"
+
+
 def plotly_z(page, index: int = 0):
-    """The ``z`` data of the first heatmap trace of the ``index``-th Plotly graph shown."""
+    """The ``z`` data of the first heatmap trace of the ``index``-th Plotly graph shown
+    (among :data:`LIVE_PLOTS`)."""
     return page.evaluate(
-        """(i) => { const gds = [...document.querySelectorAll('.js-plotly-plot')];
+        """(i) => { const gds = [...document.querySelectorAll('.js-plotly-plot:not(.sparselab-static .js-plotly-plot)')];
                     const gd = gds[i]; if (!gd || !gd.data) return null;
                     const t = gd.data.find(t => t.type === 'heatmap');
                     return t ? JSON.stringify(t.z) : null; }""",
         index,
     )
+
+
+PLOTS_BY_CELL_JS = """() => [...document.querySelectorAll('.jp-Cell')].map(cell =>
+    [...cell.querySelectorAll('.js-plotly-plot')].filter(gd =>
+        gd.offsetParent !== null && gd.data && gd.data.some(t =>
+            ['x', 'y', 'z', 'values'].some(k => t[k] && t[k].length > 0))).length)"""
+
+
+def figure_outputs(notebook: dict) -> list[int]:
+    """Per cell of an executed notebook (JSON dict): how many figure outputs it holds.
+
+    A figure output is one carrying a Plotly figure (``application/vnd.plotly.v1+json``;
+    a stack of several counts once per figure) or an ipywidgets view holding a
+    ``FigureWidget`` (not progress bars).
+    """
+    counts = []
+    for cell in notebook["cells"]:
+        n = 0
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            fig = data.get("application/vnd.plotly.v1+json")
+            if fig is not None:  # a stack of several figures says how many (sparselab.viz.static)
+                meta = fig.get("layout", {}).get("meta")
+                n += int(meta.get("stacked", 1)) if isinstance(meta, dict) else 1
+            elif "application/vnd.jupyter.widget-view+json" in data and "FigureWidget" in str(
+                    data.get("text/plain", "")):  # a figure widget without a static copy
+                n += 1
+        counts.append(n)
+    return counts
+
+
+def rendered_plots_by_cell(page, path: Path, timeout_ms: int = 60_000) -> list[int]:
+    """Open an HTML file (e.g. a ``nbconvert --to html`` export) and count, per notebook
+    cell, the Plotly plots that are visible and hold data."""
+    page.goto(Path(path).resolve().as_uri(), wait_until="load", timeout=timeout_ms)
+    page.wait_for_timeout(500)
+    return page.evaluate(PLOTS_BY_CELL_JS)

@@ -410,8 +410,16 @@ class Dashboard:
             meta["live"]["prompt"] = self.live_result.prompt
         return report(figs, path, title=title, tables=tables, meta=meta)
 
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self) -> None:
+        # the widget, then its figures as shown now for viewers without a kernel (.static)
+        from sparselab.viz.static import display_with_copy
+
+        display_with_copy(self.widget, {name: go.Figure(fig) for name, fig in self.figures.items()})
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None):
+        from sparselab.viz.static import widget_bundle
+
+        return widget_bundle(self.widget, {name: go.Figure(fig) for name, fig in self.figures.items()})
 
     def __repr__(self) -> str:
         c = self.controls

@@ -83,8 +83,16 @@ class LinkedFigure:
             self.controls[name].value = value
         return self
 
-    def _repr_mimebundle_(self, **kwargs: Any):
-        return self.widget._repr_mimebundle_(**kwargs)
+    def _ipython_display_(self) -> None:
+        # the widget, then its figures as shown now for viewers without a kernel (.static)
+        from sparselab.viz.static import display_with_copy
+
+        display_with_copy(self.widget, {"figure": go.Figure(self.figure)})
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None):
+        from sparselab.viz.static import widget_bundle
+
+        return widget_bundle(self.widget, {"figure": go.Figure(self.figure)})
 
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.values().items())

@@ -1,0 +1,518 @@
+/* Inner loops of the sparse MLP kernels, one version per instruction set, chosen at run
+ * time.
+ *
+ *     sl_isa_init();                          // best path this CPU runs (or $SPARSELAB_ISA)
+ *     sl_dot4_f32(w0, w1, w2, w3, x, xp, h, out);   // four dot products with x
+ *     sl_axpy4_f32(y, d0, d1, d2, d3, a, k0, k1);  // y[k] += sum_i a[i] * d_i[k]
+ *
+ * Nothing here is compiled for the build machine's instruction set: each vector version
+ * carries its own `target` attribute and runs only if the CPU reports the features
+ * (`__builtin_cpu_supports`), so one .so runs on any x86-64 (and the portable C version
+ * on anything else). Paths, in order: portable < avx2 (+fma) < avx512 (f, bw, vl) <
+ * avx512bf16 (the bf16 dot products use vdpbf16ps; everything else as avx512).
+ *
+ * Weights: float32, bfloat16 (raw uint16 bits; widening is exact: the bits are the high
+ * half of a float32) or int8 (the caller applies the per-row scales). x is float32;
+ * accumulation is float32. The dpbf16 path reads x rounded to bf16 (round to nearest even,
+ * exact when x came from a bf16 model) from `xp`, which sl_prep_x fills once per call.
+ *
+ * Determinism: an axpy computes each y element with the same sequence of fused
+ * multiply-adds in the vector body and in the tail, so y does not depend on where a
+ * thread's chunk starts (results are bitwise independent of the thread count).
+ */
+#ifndef SL_KERNELS_H
+#define SL_KERNELS_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { SL_PORTABLE = 0, SL_AVX2 = 1, SL_AVX512 = 2, SL_AVX512BF16 = 3, SL_N_ISA = 4 };
+static const char* const sl_isa_names[SL_N_ISA] = {"portable", "avx2", "avx512", "avx512bf16"};
+static int sl_isa = SL_PORTABLE;
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SL_X86 1
+#include <immintrin.h>
+#else
+#define SL_X86 0
+#endif
+
+static int sl_isa_supported(int isa) {
+    if (isa == SL_PORTABLE) return 1;
+#if SL_X86
+    __builtin_cpu_init();
+    if (isa >= SL_AVX2 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+        return 0;
+    if (isa >= SL_AVX512 && !(__builtin_cpu_supports("avx512f") &&
+                              __builtin_cpu_supports("avx512bw") &&
+                              __builtin_cpu_supports("avx512vl")))
+        return 0;
+    if (isa >= SL_AVX512BF16 && !__builtin_cpu_supports("avx512bf16")) return 0;
+    return isa < SL_N_ISA;
+#else
+    return 0;
+#endif
+}
+
+__attribute__((unused)) static int sl_isa_best(void) {
+    int best = SL_PORTABLE;
+    for (int i = 1; i < SL_N_ISA; i++)
+        if (sl_isa_supported(i)) best = i;
+    return best;
+}
+
+static inline float sl_bf16(uint16_t v) {
+    uint32_t u = ((uint32_t)v) << 16; float f; memcpy(&f, &u, sizeof f); return f;
+}
+
+/* fp32 -> bf16 bits, round to nearest even (NaN kept a quiet NaN), as torch's .to(bf16) */
+static inline uint16_t sl_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---------------------------------------------------------------- portable C ------ */
+/* dot products: reassociation (-ffast-math) lets the compiler vectorise for the baseline
+ * (SSE2 on x86-64). axpy: reassociation off, so vector body and tail round alike. */
+#define SL_DOT4_PORTABLE(NAME, T, LD)                                                     \
+    static void NAME(const T* w0, const T* w1, const T* w2, const T* w3, const float* x,  \
+                     long h, float* out) {                                                \
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                             \
+        for (long k0 = 0; k0 < h; k0 += 256) {                                            \
+            long k1 = k0 + 256 < h ? k0 + 256 : h;                                        \
+            float b0 = 0, b1 = 0, b2 = 0, b3 = 0;                                         \
+            for (long k = k0; k < k1; k++) {                                              \
+                float xv = x[k];                                                          \
+                b0 += LD(w0[k]) * xv; b1 += LD(w1[k]) * xv;                               \
+                b2 += LD(w2[k]) * xv; b3 += LD(w3[k]) * xv;                               \
+            }                                                                             \
+            s0 += b0; s1 += b1; s2 += b2; s3 += b3;                                       \
+        }                                                                                 \
+        out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;                               \
+    }
+#define SL_LD_F32(v) (v)
+#define SL_LD_I8(v) ((float)(v))
+#define SL_LD_BF16(v) __extension__ ({ uint32_t u_ = ((uint32_t)(v)) << 16; float f_; \
+                                       memcpy(&f_, &u_, sizeof f_); f_; })
+SL_DOT4_PORTABLE(sl_dot4_f32_c, float, SL_LD_F32)
+SL_DOT4_PORTABLE(sl_dot4_bf16_c, uint16_t, SL_LD_BF16)
+SL_DOT4_PORTABLE(sl_dot4_i8_c, int8_t, SL_LD_I8)
+
+#pragma GCC push_options
+#pragma GCC optimize ("no-associative-math")
+#define SL_AXPY4_PORTABLE(NAME, T, LD)                                                    \
+    static void NAME(float* y, const T* d0, const T* d1, const T* d2, const T* d3,        \
+                     const float* a, long k0, long k1) {                                  \
+        float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                                 \
+        for (long k = k0; k < k1; k++) {                                                  \
+            float acc = y[k];                                                             \
+            acc += a0 * LD(d0[k]); acc += a1 * LD(d1[k]);                                 \
+            acc += a2 * LD(d2[k]); acc += a3 * LD(d3[k]);                                 \
+            y[k] = acc;                                                                   \
+        }                                                                                 \
+    }
+SL_AXPY4_PORTABLE(sl_axpy4_f32_c, float, SL_LD_F32)
+SL_AXPY4_PORTABLE(sl_axpy4_bf16_c, uint16_t, SL_LD_BF16)
+SL_AXPY4_PORTABLE(sl_axpy4_i8_c, int8_t, SL_LD_I8)
+/* int8 with one scale per block of 32 weights; k0, k1 multiples of 32 */
+#define SL_QB 32
+static void sl_axpy4_i8b_c(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                           const int8_t* d3, const float* c0, const float* c1, const float* c2,
+                           const float* c3, const float* a, long k0, long k1) {
+    for (long kb = k0; kb < k1; kb += SL_QB) {
+        long b = kb / SL_QB;
+        float a0 = a[0] * c0[b], a1 = a[1] * c1[b], a2 = a[2] * c2[b], a3 = a[3] * c3[b];
+        for (long k = kb; k < kb + SL_QB; k++) {
+            float acc = y[k];
+            acc += a0 * (float)d0[k]; acc += a1 * (float)d1[k];
+            acc += a2 * (float)d2[k]; acc += a3 * (float)d3[k];
+            y[k] = acc;
+        }
+    }
+}
+#pragma GCC pop_options
+
+/* int8 with one scale per block of 32 weights (h a multiple of 32): c_i[k / 32] */
+static void sl_dot4_i8b_c(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                          const int8_t* w3, const float* c0, const float* c1, const float* c2,
+                          const float* c3, const float* x, long h, float* out) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (long k0 = 0; k0 < h; k0 += SL_QB) {
+        float b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+        for (long k = k0; k < k0 + SL_QB; k++) {
+            float xv = x[k];
+            b0 += (float)w0[k] * xv; b1 += (float)w1[k] * xv;
+            b2 += (float)w2[k] * xv; b3 += (float)w3[k] * xv;
+        }
+        long b = k0 / SL_QB;
+        s0 += b0 * c0[b]; s1 += b1 * c1[b]; s2 += b2 * c2[b]; s3 += b3 * c3[b];
+    }
+    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
+}
+
+static float sl_dot1_f32_c(const float* a, const float* b, long n) {
+    float s = 0;
+    for (long k = 0; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+#if SL_X86
+/* ---------------------------------------------------------------- AVX2 + FMA ------ */
+#define SL_T_AVX2 __attribute__((target("avx2,fma")))
+
+SL_T_AVX2 static inline float sl_hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+SL_T_AVX2 static inline __m256 sl_ld8_f32(const float* p) { return _mm256_loadu_ps(p); }
+SL_T_AVX2 static inline __m256 sl_ld8_bf16(const uint16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+SL_T_AVX2 static inline __m256 sl_ld8_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
+
+#define SL_DOT4_AVX2(NAME, T, LD8, LD)                                                    \
+    SL_T_AVX2 static void NAME(const T* w0, const T* w1, const T* w2, const T* w3,        \
+                               const float* x, long h, float* out) {                      \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
+        long k = 0;                                                                       \
+        for (; k + 8 <= h; k += 8) {                                                      \
+            __m256 xv = _mm256_loadu_ps(x + k);                                           \
+            a0 = _mm256_fmadd_ps(LD8(w0 + k), xv, a0);                                    \
+            a1 = _mm256_fmadd_ps(LD8(w1 + k), xv, a1);                                    \
+            a2 = _mm256_fmadd_ps(LD8(w2 + k), xv, a2);                                    \
+            a3 = _mm256_fmadd_ps(LD8(w3 + k), xv, a3);                                    \
+        }                                                                                 \
+        float s0 = sl_hsum256(a0), s1 = sl_hsum256(a1), s2 = sl_hsum256(a2),              \
+              s3 = sl_hsum256(a3);                                                        \
+        for (; k < h; k++) {                                                              \
+            float xv = x[k];                                                              \
+            s0 += LD(w0[k]) * xv; s1 += LD(w1[k]) * xv;                                   \
+            s2 += LD(w2[k]) * xv; s3 += LD(w3[k]) * xv;                                   \
+        }                                                                                 \
+        out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;                               \
+    }
+SL_DOT4_AVX2(sl_dot4_f32_avx2, float, sl_ld8_f32, SL_LD_F32)
+SL_DOT4_AVX2(sl_dot4_bf16_avx2, uint16_t, sl_ld8_bf16, SL_LD_BF16)
+SL_DOT4_AVX2(sl_dot4_i8_avx2, int8_t, sl_ld8_i8, SL_LD_I8)
+
+/* tail: the same fused multiply-adds, one element at a time */
+#define SL_AXPY4_AVX2(NAME, T, LD8, LD)                                                   \
+    SL_T_AVX2 static void NAME(float* y, const T* d0, const T* d1, const T* d2,           \
+                               const T* d3, const float* a, long k0, long k1) {           \
+        __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]),                      \
+               a2 = _mm256_set1_ps(a[2]), a3 = _mm256_set1_ps(a[3]);                      \
+        long k = k0;                                                                      \
+        for (; k + 8 <= k1; k += 8) {                                                     \
+            __m256 acc = _mm256_loadu_ps(y + k);                                          \
+            acc = _mm256_fmadd_ps(LD8(d0 + k), a0, acc);                                  \
+            acc = _mm256_fmadd_ps(LD8(d1 + k), a1, acc);                                  \
+            acc = _mm256_fmadd_ps(LD8(d2 + k), a2, acc);                                  \
+            acc = _mm256_fmadd_ps(LD8(d3 + k), a3, acc);                                  \
+            _mm256_storeu_ps(y + k, acc);                                                 \
+        }                                                                                 \
+        for (; k < k1; k++) {                                                             \
+            float acc = y[k];                                                             \
+            acc = __builtin_fmaf(LD(d0[k]), a[0], acc);                                   \
+            acc = __builtin_fmaf(LD(d1[k]), a[1], acc);                                   \
+            acc = __builtin_fmaf(LD(d2[k]), a[2], acc);                                   \
+            acc = __builtin_fmaf(LD(d3[k]), a[3], acc);                                   \
+            y[k] = acc;                                                                   \
+        }                                                                                 \
+    }
+SL_AXPY4_AVX2(sl_axpy4_f32_avx2, float, sl_ld8_f32, SL_LD_F32)
+SL_AXPY4_AVX2(sl_axpy4_bf16_avx2, uint16_t, sl_ld8_bf16, SL_LD_BF16)
+SL_AXPY4_AVX2(sl_axpy4_i8_avx2, int8_t, sl_ld8_i8, SL_LD_I8)
+
+SL_T_AVX2 static float sl_dot1_f32_avx2(const float* a, const float* b, long n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    long k = 0;
+    for (; k + 16 <= n; k += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + k + 8), _mm256_loadu_ps(b + k + 8), s1);
+    }
+    float s = sl_hsum256(_mm256_add_ps(s0, s1));
+    for (; k < n; k++) s += a[k] * b[k];
+    return s;
+}
+
+SL_T_AVX2 static void sl_dot4_i8b_avx2(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                                       const int8_t* w3, const float* c0, const float* c1,
+                                       const float* c2, const float* c3, const float* x,
+                                       long h, float* out) {
+    __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (long k0 = 0; k0 < h; k0 += SL_QB) {
+        __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+        for (long k = k0; k < k0 + SL_QB; k += 8) {
+            __m256 xv = _mm256_loadu_ps(x + k);
+            b0 = _mm256_fmadd_ps(sl_ld8_i8(w0 + k), xv, b0);
+            b1 = _mm256_fmadd_ps(sl_ld8_i8(w1 + k), xv, b1);
+            b2 = _mm256_fmadd_ps(sl_ld8_i8(w2 + k), xv, b2);
+            b3 = _mm256_fmadd_ps(sl_ld8_i8(w3 + k), xv, b3);
+        }
+        long b = k0 / SL_QB;
+        t0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(c0[b]), t0);
+        t1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(c1[b]), t1);
+        t2 = _mm256_fmadd_ps(b2, _mm256_set1_ps(c2[b]), t2);
+        t3 = _mm256_fmadd_ps(b3, _mm256_set1_ps(c3[b]), t3);
+    }
+    out[0] = sl_hsum256(t0); out[1] = sl_hsum256(t1);
+    out[2] = sl_hsum256(t2); out[3] = sl_hsum256(t3);
+}
+
+SL_T_AVX2 static void sl_axpy4_i8b_avx2(float* y, const int8_t* d0, const int8_t* d1,
+                                        const int8_t* d2, const int8_t* d3, const float* c0,
+                                        const float* c1, const float* c2, const float* c3,
+                                        const float* a, long k0, long k1) {
+    for (long kb = k0; kb < k1; kb += SL_QB) {
+        long b = kb / SL_QB;
+        __m256 a0 = _mm256_set1_ps(a[0] * c0[b]), a1 = _mm256_set1_ps(a[1] * c1[b]),
+               a2 = _mm256_set1_ps(a[2] * c2[b]), a3 = _mm256_set1_ps(a[3] * c3[b]);
+        for (long k = kb; k < kb + SL_QB; k += 8) {
+            __m256 acc = _mm256_loadu_ps(y + k);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d0 + k), a0, acc);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d1 + k), a1, acc);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d2 + k), a2, acc);
+            acc = _mm256_fmadd_ps(sl_ld8_i8(d3 + k), a3, acc);
+            _mm256_storeu_ps(y + k, acc);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- AVX-512 --------- */
+#define SL_T_512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+#define SL_T_BF16 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* masked loads: lanes past the mask read as 0 and touch no memory */
+SL_T_512 static inline __m512 sl_ld16_f32(const float* p, __mmask16 m) {
+    return _mm512_maskz_loadu_ps(m, p);
+}
+SL_T_512 static inline __m512 sl_ld16_bf16(const uint16_t* p, __mmask16 m) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+SL_T_512 static inline __m512 sl_ld16_i8(const int8_t* p, __mmask16 m) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+
+#define SL_DOT4_512(NAME, T, LD16)                                                        \
+    SL_T_512 static void NAME(const T* w0, const T* w1, const T* w2, const T* w3,         \
+                              const float* x, long h, float* out) {                       \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
+        for (long k = 0; k < h; k += 16) {                                                \
+            __mmask16 m = h - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (h - k)) - 1); \
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + k);                                  \
+            a0 = _mm512_fmadd_ps(LD16(w0 + k, m), xv, a0);                                \
+            a1 = _mm512_fmadd_ps(LD16(w1 + k, m), xv, a1);                                \
+            a2 = _mm512_fmadd_ps(LD16(w2 + k, m), xv, a2);                                \
+            a3 = _mm512_fmadd_ps(LD16(w3 + k, m), xv, a3);                                \
+        }                                                                                 \
+        out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);             \
+        out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);             \
+    }
+SL_DOT4_512(sl_dot4_f32_512, float, sl_ld16_f32)
+SL_DOT4_512(sl_dot4_bf16_512, uint16_t, sl_ld16_bf16)
+SL_DOT4_512(sl_dot4_i8_512, int8_t, sl_ld16_i8)
+
+#define SL_AXPY4_512(NAME, T, LD16)                                                       \
+    SL_T_512 static void NAME(float* y, const T* d0, const T* d1, const T* d2,            \
+                              const T* d3, const float* a, long k0, long k1) {            \
+        __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]),                      \
+               a2 = _mm512_set1_ps(a[2]), a3 = _mm512_set1_ps(a[3]);                      \
+        for (long k = k0; k < k1; k += 16) {                                              \
+            __mmask16 m = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1); \
+            __m512 acc = _mm512_maskz_loadu_ps(m, y + k);                                 \
+            acc = _mm512_fmadd_ps(LD16(d0 + k, m), a0, acc);                              \
+            acc = _mm512_fmadd_ps(LD16(d1 + k, m), a1, acc);                              \
+            acc = _mm512_fmadd_ps(LD16(d2 + k, m), a2, acc);                              \
+            acc = _mm512_fmadd_ps(LD16(d3 + k, m), a3, acc);                              \
+            _mm512_mask_storeu_ps(y + k, m, acc);                                         \
+        }                                                                                 \
+    }
+SL_AXPY4_512(sl_axpy4_f32_512, float, sl_ld16_f32)
+SL_AXPY4_512(sl_axpy4_bf16_512, uint16_t, sl_ld16_bf16)
+SL_AXPY4_512(sl_axpy4_i8_512, int8_t, sl_ld16_i8)
+
+SL_T_512 static float sl_dot1_f32_512(const float* a, const float* b, long n) {
+    __m512 s = _mm512_setzero_ps();
+    for (long k = 0; k < n; k += 16) {
+        __mmask16 m = n - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - k)) - 1);
+        s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), s);
+    }
+    return _mm512_reduce_add_ps(s);
+}
+
+#ifndef SL_PF_BF16
+#define SL_PF_BF16 1024
+#endif
+SL_T_512 static inline __m512 sl_ld16_i8u(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+SL_T_512 static void sl_dot4_i8b_512(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                                     const int8_t* w3, const float* c0, const float* c1,
+                                     const float* c2, const float* c3, const float* x,
+                                     long h, float* out) {
+    __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
+    for (long k = 0; k < h; k += SL_QB) {
+        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+        long b = k / SL_QB;
+        __m512 b0 = _mm512_fmadd_ps(sl_ld16_i8u(w0 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w0 + k), x0));
+        __m512 b1 = _mm512_fmadd_ps(sl_ld16_i8u(w1 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w1 + k), x0));
+        __m512 b2 = _mm512_fmadd_ps(sl_ld16_i8u(w2 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w2 + k), x0));
+        __m512 b3 = _mm512_fmadd_ps(sl_ld16_i8u(w3 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w3 + k), x0));
+        t0 = _mm512_fmadd_ps(b0, _mm512_set1_ps(c0[b]), t0);
+        t1 = _mm512_fmadd_ps(b1, _mm512_set1_ps(c1[b]), t1);
+        t2 = _mm512_fmadd_ps(b2, _mm512_set1_ps(c2[b]), t2);
+        t3 = _mm512_fmadd_ps(b3, _mm512_set1_ps(c3[b]), t3);
+    }
+    out[0] = _mm512_reduce_add_ps(t0); out[1] = _mm512_reduce_add_ps(t1);
+    out[2] = _mm512_reduce_add_ps(t2); out[3] = _mm512_reduce_add_ps(t3);
+}
+SL_T_512 static void sl_axpy4_i8b_512(float* y, const int8_t* d0, const int8_t* d1,
+                                      const int8_t* d2, const int8_t* d3, const float* c0,
+                                      const float* c1, const float* c2, const float* c3,
+                                      const float* a, long k0, long k1) {
+    for (long kb = k0; kb < k1; kb += SL_QB) {
+        long b = kb / SL_QB;
+        __m512 a0 = _mm512_set1_ps(a[0] * c0[b]), a1 = _mm512_set1_ps(a[1] * c1[b]),
+               a2 = _mm512_set1_ps(a[2] * c2[b]), a3 = _mm512_set1_ps(a[3] * c3[b]);
+        for (long k = kb; k < kb + SL_QB; k += 16) {
+            __m512 acc = _mm512_loadu_ps(y + k);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d0 + k), a0, acc);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d1 + k), a1, acc);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d2 + k), a2, acc);
+            acc = _mm512_fmadd_ps(sl_ld16_i8u(d3 + k), a3, acc);
+            _mm512_storeu_ps(y + k, acc);
+        }
+    }
+}
+
+/* bf16 dot products with vdpbf16ps: 32 weights of a row per instruction, x as bf16 pairs.
+ * (The instruction treats bf16 subnormals as zero and rounds its fp32 sums to nearest.) */
+SL_T_BF16 static void sl_dot4_bf16_dp(const uint16_t* w0, const uint16_t* w1,
+                                      const uint16_t* w2, const uint16_t* w3,
+                                      const uint16_t* xb, long h, float* out) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (long k = 0; k < h; k += 32) {
+        if (k + SL_PF_BF16 < h) {
+            _mm_prefetch((const char*)(w0 + k + SL_PF_BF16), _MM_HINT_T0);
+            _mm_prefetch((const char*)(w1 + k + SL_PF_BF16), _MM_HINT_T0);
+            _mm_prefetch((const char*)(w2 + k + SL_PF_BF16), _MM_HINT_T0);
+            _mm_prefetch((const char*)(w3 + k + SL_PF_BF16), _MM_HINT_T0);
+        }
+        __mmask32 m = h - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (h - k)) - 1);
+        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xb + k);
+        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + k), xv);
+        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w1 + k), xv);
+        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(m, w2 + k), xv);
+        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(m, w3 + k), xv);
+    }
+    out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
+    out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+}
+#endif /* SL_X86 */
+
+/* ---------------------------------------------------------------- dispatch -------- */
+/* xp: scratch of bsz*h uint16 (the dpbf16 path's x as bf16); NULL-safe for other paths */
+/* warm the start of the next rows (the hardware prefetcher needs a few lines of a new
+ * stream before it runs ahead) */
+static inline void sl_prefetch_row(const void* p, long bytes) {
+#if defined(__GNUC__) || defined(__clang__)
+    const char* c = (const char*)p;
+    for (long o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+#endif
+}
+__attribute__((unused)) static int sl_needs_xb(int is_bf16) { return is_bf16 && sl_isa == SL_AVX512BF16; }
+
+__attribute__((unused)) static void sl_prep_xb(const float* x, long n, uint16_t* xb) {
+    for (long k = 0; k < n; k++) xb[k] = sl_to_bf16(x[k]);
+}
+
+static inline void sl_dot4_f32(const float* w0, const float* w1, const float* w2,
+                               const float* w3, const float* x, long h, float* out) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_dot4_f32_512(w0, w1, w2, w3, x, h, out); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_f32_avx2(w0, w1, w2, w3, x, h, out); return; }
+#endif
+    sl_dot4_f32_c(w0, w1, w2, w3, x, h, out);
+}
+static inline void sl_dot4_bf16(const uint16_t* w0, const uint16_t* w1, const uint16_t* w2,
+                                const uint16_t* w3, const float* x, const uint16_t* xb,
+                                long h, float* out) {
+#if SL_X86
+    if (sl_isa == SL_AVX512BF16) { sl_dot4_bf16_dp(w0, w1, w2, w3, xb, h, out); return; }
+    if (sl_isa == SL_AVX512) { sl_dot4_bf16_512(w0, w1, w2, w3, x, h, out); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_bf16_avx2(w0, w1, w2, w3, x, h, out); return; }
+#endif
+    (void)xb;
+    sl_dot4_bf16_c(w0, w1, w2, w3, x, h, out);
+}
+static inline void sl_dot4_i8(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                              const int8_t* w3, const float* x, long h, float* out) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_dot4_i8_512(w0, w1, w2, w3, x, h, out); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_i8_avx2(w0, w1, w2, w3, x, h, out); return; }
+#endif
+    sl_dot4_i8_c(w0, w1, w2, w3, x, h, out);
+}
+static inline void sl_axpy4_f32(float* y, const float* d0, const float* d1, const float* d2,
+                                const float* d3, const float* a, long k0, long k1) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_axpy4_f32_512(y, d0, d1, d2, d3, a, k0, k1); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_f32_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+#endif
+    sl_axpy4_f32_c(y, d0, d1, d2, d3, a, k0, k1);
+}
+static inline void sl_axpy4_bf16(float* y, const uint16_t* d0, const uint16_t* d1,
+                                 const uint16_t* d2, const uint16_t* d3, const float* a,
+                                 long k0, long k1) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_axpy4_bf16_512(y, d0, d1, d2, d3, a, k0, k1); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_bf16_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+#endif
+    sl_axpy4_bf16_c(y, d0, d1, d2, d3, a, k0, k1);
+}
+static inline void sl_axpy4_i8(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                               const int8_t* d3, const float* a, long k0, long k1) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_axpy4_i8_512(y, d0, d1, d2, d3, a, k0, k1); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_i8_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+#endif
+    sl_axpy4_i8_c(y, d0, d1, d2, d3, a, k0, k1);
+}
+static inline void sl_dot4_i8b(const int8_t* w0, const int8_t* w1, const int8_t* w2,
+                               const int8_t* w3, const float* c0, const float* c1,
+                               const float* c2, const float* c3, const float* x, long h,
+                               float* out) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_dot4_i8b_512(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_i8b_avx2(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out); return; }
+#endif
+    sl_dot4_i8b_c(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out);
+}
+static inline void sl_axpy4_i8b(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
+                                const int8_t* d3, const float* c0, const float* c1,
+                                const float* c2, const float* c3, const float* a, long k0,
+                                long k1) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) { sl_axpy4_i8b_512(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_i8b_avx2(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1); return; }
+#endif
+    sl_axpy4_i8b_c(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1);
+}
+static inline float sl_dot1_f32(const float* a, const float* b, long n) {
+#if SL_X86
+    if (sl_isa >= SL_AVX512) return sl_dot1_f32_512(a, b, n);
+    if (sl_isa == SL_AVX2) return sl_dot1_f32_avx2(a, b, n);
+#endif
+    return sl_dot1_f32_c(a, b, n);
+}
+
+#endif /* SL_KERNELS_H */

@@ -1,0 +1,140 @@
+"""int8 weights (per-row scales) in ``sparselab._fast``: the quantizer's error bound, the
+safetensors round trip, both kernels on every code path the CPU runs against a float64
+reference of the dequantized weights, thread-count independence, and the errors.
+
+    pytest tests/test_fast_int8.py
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sparselab import _fast
+from sparselab._fast import isa
+from sparselab._fast.quant import Int8Blocks, Int8Rows, load_int8, quantize_int8, save_int8
+from sparselab.testing.reference import dense_reference
+
+PATHS = isa.supported()
+
+
+def int8_mlp(n, h, seed, block=None):
+    g = torch.Generator().manual_seed(seed)
+    s = 1.0 / math.sqrt(h)
+    gate = torch.randn(n, h, generator=g) * 2 * s
+    up = torch.randn(n, h, generator=g) * s
+    down = torch.randn(h, n, generator=g) * s
+    qg, qu, qd = (quantize_int8(w, block) for w in (gate, up, down.t().contiguous()))
+    x = torch.randn(3, h, generator=g)
+    return qg, qu, qd, x
+
+
+def test_quantizer_rounds_to_nearest_within_half_a_step():
+    w = torch.randn(37, 70) * torch.logspace(-3, 1, 37)[:, None]
+    w[5] = 0.0  # an all-zero row quantizes to zeros with scale 0, no NaN
+    q = quantize_int8(w)
+    assert q.q.dtype == torch.int8 and q.scale.shape == (37,)
+    assert torch.allclose(q.scale, w.abs().amax(1) / 127)
+    err = (q.dequantize() - w).abs()
+    assert torch.all(err <= q.scale[:, None] / 2 * (1 + 1e-6) + 1e-12)
+    assert q.q.abs().max() == 127 and torch.all(q.q[5] == 0)
+    b = quantize_int8(w, block=10)
+    assert isinstance(b, Int8Blocks) and b.scale.shape == (37, 7)
+    assert torch.all((b.dequantize() - w).abs() <= b.scale.repeat_interleave(10, 1) / 2 * (1 + 1e-6) + 1e-12)
+    # finer scales never do worse than per-row ones on the same weights
+    assert (b.dequantize() - w).abs().max() <= err.max() + 1e-7
+
+
+def test_quantizer_errors():
+    with pytest.raises(ValueError, match="floating-point"):
+        quantize_int8(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int8(torch.ones(4))
+    with pytest.raises(ValueError, match="dividing"):
+        quantize_int8(torch.ones(3, 10), block=32)
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_int8(torch.tensor([[1.0, float("inf")]]))
+    with pytest.raises(ValueError, match="scale"):
+        Int8Rows(torch.zeros(3, 4, dtype=torch.int8), torch.zeros(2))
+
+
+def test_safetensors_round_trip(tmp_path):
+    qg, qu, qd, _ = int8_mlp(20, 64, 0)
+    qb = quantize_int8(qg.dequantize(), block=32)
+    save_int8(tmp_path / "l.safetensors", {"gate": qg, "up": qu, "down_t": qd, "blocks": qb})
+    back = load_int8(tmp_path / "l.safetensors")
+    assert set(back) == {"gate", "up", "down_t", "blocks"}
+    assert torch.equal(back["gate"].q, qg.q) and torch.equal(back["down_t"].scale, qd.scale)
+    assert isinstance(back["blocks"], Int8Blocks) and back["blocks"].block == 32
+    assert torch.equal(back["blocks"].dequantize(), qb.dequantize())
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a sparselab int8"):
+        load_int8(tmp_path / "other.safetensors")
+
+
+@settings(deadline=None, max_examples=40)
+@given(path=st.sampled_from(PATHS), n=st.sampled_from([1, 3, 64, 129]),
+       h=st.sampled_from([1, 15, 16, 17, 32, 100, 96, 257, 320]), batch=st.sampled_from([1, 3]),
+       density=st.sampled_from([0.1, 0.5, 1.0]), n_threads=st.sampled_from([1, 2]),
+       x_bf16=st.booleans(), blocks=st.booleans(), seed=st.integers(0, 10_000))
+def test_int8_kernels_match_float64_reference_of_dequantized_weights(
+        path, n, h, batch, density, n_threads, x_bf16, blocks, seed):
+    block = 32 if blocks and h % 32 == 0 else None
+    qg, qu, qd, x = int8_mlp(n, h, seed, block)
+    x = x[:batch].to(torch.bfloat16) if x_bf16 else x[:batch]
+    mask = np.random.default_rng(seed).random(n) < density
+    g, u, dt = qg.dequantize(), qu.dequantize(), qd.dequantize()
+    ref = dense_reference(x.float(), g, u, dt.t(), "silu", mask_bool=mask)
+    v = x.double() @ g.double().T
+    hh = (v * torch.sigmoid(v) * (x.double() @ u.double().T)).abs() * torch.as_tensor(mask, dtype=torch.float64)
+    bound = 1e-4 * (hh @ dt.double().abs()) + 1e-6
+    with isa.use(path):
+        cache = _fast.WeightCache(qg, qu, down_t=qd)
+        cache.update(mask)
+        y1 = cache.forward(x, "silu", n_threads=n_threads)
+        y2 = _fast.sparse_mlp(x, qg, qu, qd, np.flatnonzero(mask), "silu", n_threads=n_threads)
+    for y in (y1, y2):
+        assert y.dtype == torch.float32
+        err = (y.double() - ref).abs()
+        assert torch.all(err <= bound), f"{path}: max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block", [None, 32])
+def test_int8_bitwise_independent_of_thread_count_and_cache_churn(path, block):
+    qg, qu, qd, x = int8_mlp(301, 288, 4, block)
+    rng = np.random.default_rng(0)
+    with isa.use(path):
+        idx = np.flatnonzero(rng.random(301) < 0.4)
+        ys = [_fast.sparse_mlp(x, qg, qu, qd, idx, "silu", n_threads=t) for t in (1, 2, 3)]
+        assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+        # a cache that reached the mask through other masks (slots moved, scales with them)
+        cache = _fast.WeightCache(qg, qu, down_t=qd)
+        for d in (0.9, 0.1, 0.6):
+            cache.update(rng.random(301) < d)
+        mask = np.zeros(301, bool)
+        mask[idx] = True
+        cache.update(mask)
+        y = cache.forward(x, "silu", n_threads=2)
+    ref = _fast.sparse_mlp(x, qg, qu, qd, cache.order, "silu", n_threads=1)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_errors_change_nothing():
+    qg, qu, qd, x = int8_mlp(10, 8, 1)
+    with pytest.raises(ValueError, match="int8"):
+        _fast.sparse_mlp(x, qg, qu.dequantize(), qd, np.array([0]), "silu")
+    with pytest.raises(ValueError, match="down_t="):
+        _fast.WeightCache(qg, qu, qd)
+    qb = quantize_int8(torch.randn(10, 64), block=32)
+    with pytest.raises(ValueError, match="one int8 format"):
+        _fast.IndexedMLP(qb, qb, quantize_int8(torch.randn(10, 64)), "silu")
+    q16 = quantize_int8(torch.randn(10, 64), block=16)
+    with pytest.raises(ValueError, match="blocks of 32"):
+        _fast.IndexedMLP(q16, q16, q16, "silu")
+    with pytest.raises(ValueError, match="float32 or bfloat16 x"):
+        _fast.sparse_mlp(x.double(), qg, qu, qd, np.array([0]), "silu")

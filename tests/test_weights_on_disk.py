@@ -1,0 +1,283 @@
+"""MLP weights on disk: the bundled weight file, kernels and cache reading it, the windowed
+cache, and a sparsified model running from the file against the same model in RAM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sparselab import _fast
+from sparselab.runtime import sparsify
+from sparselab.runtime.weight_file import MLPWeightFile, write_mlp_file
+from sparselab.runtime.window import WindowedCache
+from sparselab.testing import tiny
+
+H, N, LAYERS, VOCAB = 64, 200, 3, 101
+IDS = torch.tensor([[5, 17, 33, 2, 90, 41, 7], [8, 8, 60, 12, 3, 77, 19]])
+
+
+def tiny_llama(seed: int = 0, **config):
+    return tiny.tiny_llama(vocab_size=VOCAB, hidden_size=H, intermediate_size=N, num_layers=LAYERS,
+                           seed=seed, max_position_embeddings=64, pad_token_id=0, **config)
+
+
+def threshold_predictors(density=0.3, seed=2):
+    """Real Predictors with a density policy, so decode takes the fused C selector."""
+    from sparselab.masking.rules import TopK
+    from sparselab.masking.thresholds import quantile_grid
+    from sparselab.prediction import Policy, Predictors
+
+    g = torch.Generator().manual_seed(seed)
+    weights, calibration = {}, {}
+    for i in range(LAYERS):
+        first, second, bias = torch.randn(8, H, generator=g), torch.randn(N, 8, generator=g), torch.randn(N, generator=g)
+        scores = torch.addmm(bias, torch.randn(256, H, generator=g) @ first.T, second.T)
+        weights[i], calibration[i] = (first, second, bias), (quantile_grid(scores), quantile_grid(scores))
+    return Predictors(weights, TopK(0.3), policy=Policy("density", density), calibration=calibration)
+
+
+def mlp_outputs(model, layer, fn):
+    """(input, output) of every call of layer ``layer``'s MLP while ``fn()`` runs."""
+    calls = []
+    hook = model.model.layers[layer].mlp.register_forward_hook(
+        lambda m, i, o: calls.append((i[0].detach().clone(), o.detach().clone())))
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return calls
+
+
+def generate(model, n=4):
+    with torch.no_grad():
+        return model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture()
+def weight_path(tmp_path):
+    return write_mlp_file(tiny_llama(), tmp_path / "tiny.mlpw")
+
+
+# ----------------------------------------------------------------------------- the file
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_file_round_trip_is_bit_exact(tmp_path, dtype):
+    model = tiny_llama().to(dtype)
+    path = write_mlp_file(model, tmp_path / "m.mlpw")
+    with MLPWeightFile(path) as wf:
+        assert (wf.layers, wf.n_neurons, wf.hidden, wf.dtype) == (tuple(range(LAYERS)), N, H, dtype)
+        assert path.stat().st_size == wf.data_offset + LAYERS * N * 3 * H * (4 if dtype == torch.float32 else 2)
+        for i, layer in enumerate(model.model.layers):
+            mlp = layer.mlp
+            gate, up, down = wf.read_layer(i)
+            assert torch.equal(gate, mlp.gate_proj.weight) and torch.equal(up, mlp.up_proj.weight)
+            assert torch.equal(down, mlp.down_proj.weight)
+            bundle = wf.layer(i)
+            j = 123  # one neuron = one contiguous [3, H] record: gate row, up row, down column
+            as_t = torch.from_numpy(np.array(bundle[j]))
+            as_t = as_t.view(torch.int16).view(torch.bfloat16) if dtype == torch.bfloat16 else as_t
+            assert torch.equal(as_t, torch.stack([mlp.gate_proj.weight[j], mlp.up_proj.weight[j],
+                                                  mlp.down_proj.weight[:, j]]))
+        wf.check_model(model)
+        bundle = None  # release the views before closing
+
+
+def test_truncated_wrong_and_foreign_files_raise_clear_errors(tmp_path, weight_path):
+    data = weight_path.read_bytes()
+    cut = tmp_path / "cut.mlpw"
+    cut.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        MLPWeightFile(cut)
+    bad = tmp_path / "bad.mlpw"
+    bad.write_bytes(b"PK\3\4" + data[4:])
+    with pytest.raises(ValueError, match="not a sparselab MLP weight file"):
+        MLPWeightFile(bad)
+    wf = MLPWeightFile(weight_path)
+    other = tiny_llama(seed=1)  # same shapes, other weights
+    with pytest.raises(ValueError, match="another model.*weights differ"):
+        wf.check_model(other)
+    with pytest.raises(ValueError, match="another model"):
+        sparsify(other, mode="static", static_neurons={i: [0, 1] for i in range(LAYERS)},
+                 weight_file=wf)
+    assert other.model.layers[0].mlp.gate_proj.weight.shape == (N, H)  # untouched
+    wider = tiny.tiny_llama(vocab_size=VOCAB, hidden_size=H, intermediate_size=N + 8,
+                            num_layers=LAYERS, max_position_embeddings=64)
+    with pytest.raises(ValueError, match=r"another model: it holds \[200, 64\]"):
+        wf.check_model(wider)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def test_bundle_kernel_and_cache_equal_their_in_ram_counterparts_bit_for_bit(weight_path):
+    model = tiny_llama()
+    mlp = model.model.layers[1].mlp
+    gate, up = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()
+    down_t = mlp.down_proj.weight.detach().t().contiguous()
+    wf = MLPWeightFile(weight_path)
+    bundle = wf.layer(1)
+    x = torch.randn(3, H, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    idx = rng.choice(N, 57, replace=False)
+    assert torch.equal(_fast.BundleMLP(bundle, torch.float32, "silu")(x, idx),
+                       _fast.IndexedMLP(gate, up, down_t, "silu")(x, idx))
+    ram = _fast.WeightCache(gate, up, down_t=down_t)
+    disk = _fast.WeightCache.from_bundle(bundle, torch.float32)
+    for _ in range(6):
+        mask = rng.random(N) < 0.3
+        assert ram.update(mask) == disk.update(mask)
+        assert torch.equal(disk.forward(x, "silu"), ram.forward(x, "silu"))
+    some = disk.order[::3].copy()
+    torch.testing.assert_close(disk.forward_neurons(x, some, "silu"),
+                               _fast.sparse_mlp(x, gate, up, down_t, some, "silu"), rtol=1e-5, atol=1e-6)
+    missing = np.setdiff1d(np.arange(N), disk.order)[:1]
+    with pytest.raises(ValueError, match="not in the cache"):
+        disk.forward_neurons(x, missing, "silu")
+
+
+# ----------------------------------------------------------------------------- window
+
+def test_windowed_cache_holds_the_last_k_masks_hand_example():
+    """N = 6, k = 2. Masks {0,1}, {1,2}, {3}, {3}, {0,5}: the window's union is
+    {0,1}, {0,1,2}, {1,2,3}, {3}, {0,3,5}; rows loaded 2, 1, 1, 0, 2; evicted 0, 0, 1, 2, 0."""
+    g = torch.Generator().manual_seed(0)
+    gate, up, down_t = (torch.randn(6, 8, generator=g) for _ in range(3))
+    wc = WindowedCache(_fast.WeightCache(gate, up, down_t=down_t), window=2)
+    steps = [{0, 1}, {1, 2}, {3}, {3}, {0, 5}]
+    held = [{0, 1}, {0, 1, 2}, {1, 2, 3}, {3}, {0, 3, 5}]
+    loaded, evicted = [2, 1, 1, 0, 2], [0, 0, 1, 2, 0]
+    x = torch.randn(2, 8, generator=g)
+    for t, on in enumerate(steps):
+        mask = np.zeros(6, dtype=bool)
+        mask[list(on)] = True
+        s = wc.update(mask)
+        assert (s.added, s.removed, wc.n_active) == (loaded[t], evicted[t], len(held[t]))
+        assert set(wc.cache.order.tolist()) == held[t]
+        idx = np.array(sorted(on))
+        torch.testing.assert_close(wc(x, "silu"), _fast.sparse_mlp(x, gate, up, down_t, idx, "silu"),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_windowed_cache_loads_what_window_reuse_counts():
+    """Rows loaded per step == sl.metrics.window_reuse's new_per_token (independent code)."""
+    import sparselab as sl
+
+    rng = np.random.default_rng(3)
+    n, steps, k = 150, 40, 4
+    masks = rng.random((steps, n)) < 0.2
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(n, 8, generator=g) for _ in range(3)]
+    wc = WindowedCache(_fast.WeightCache(w[0], w[1], down_t=w[2]), window=k)
+    loads, held = [], []
+    for m in masks:
+        loads.append(wc.update(m).added)
+        held.append(wc.n_active)
+    bits = sl.Masks(_fast.pack(masks)[None], n, (0,), np.zeros(steps, np.int64), np.arange(steps))
+    df = sl.metrics.window_reuse(bits, windows=[k])
+    assert np.isclose(df.new_per_token.iloc[0], np.mean(loads[k:]))
+    assert np.isclose(df.footprint.iloc[0] * n, np.mean(held[k:]))
+
+
+# ----------------------------------------------------------------------------- model
+
+@pytest.mark.parametrize("use_cache,window", [(True, 1), (False, 1), (True, 3)])
+def test_model_from_disk_equals_the_in_ram_sparse_model(weight_path, use_cache, window):
+    pred = threshold_predictors()
+    kwargs = dict(mode="predicted", use_cache=use_cache, prefill="union", cache_window=window)
+    ram_model = tiny_llama()
+    with sparsify(ram_model, pred, **kwargs):
+        ram_calls = mlp_outputs(ram_model, 2, lambda: generate(ram_model))
+    model = tiny_llama()
+    dense = logits(model)
+    wf = MLPWeightFile(weight_path)
+    with sparsify(model, pred, weight_file=wf, **kwargs) as handle:
+        assert all(model.model.layers[i].mlp.gate_proj.weight.numel() == 0 for i in range(LAYERS))
+        assert all(model.model.layers[i].mlp.down_proj.weight.numel() == 0 for i in range(LAYERS))
+        disk_calls = mlp_outputs(model, 2, lambda: generate(model))
+        decode = handle.stats().query("phase == 'decode'")
+        assert (decode.active > 0).all() and (decode.active < N).all()
+    assert len(disk_calls) == len(ram_calls) == 4
+    for (xr, yr), (xd, yd) in zip(ram_calls, disk_calls, strict=True):
+        if window == 1:  # same rows in the same order: the same floating-point sums
+            assert torch.equal(xd, xr) and torch.equal(yd, yr)
+        else:  # a window orders the cache's slots differently: fp32 rounding only
+            torch.testing.assert_close(yd, yr, rtol=1e-4, atol=1e-5)
+    assert model.model.layers[0].mlp.gate_proj.weight.shape == (N, H)
+    assert torch.equal(logits(model), dense)  # restored from the file, bit for bit
+
+
+def test_dense_from_disk_and_bad_options(weight_path):
+    model = tiny_llama()
+    dense = logits(model)
+    every = {i: np.arange(N) for i in range(LAYERS)}
+    with sparsify(model, mode="static", static_neurons=every, weight_file=weight_path):
+        torch.testing.assert_close(logits(model), dense, rtol=1e-4, atol=1e-5)
+    assert torch.equal(logits(model), dense)
+    for kwargs in ({"mode": "oracle", "density": 0.5}, {"mode": "static", "static_neurons": every,
+                                                        "prefill": "per_token"}):
+        with pytest.raises(ValueError, match="weight_file"):
+            sparsify(model, weight_file=weight_path, **kwargs)
+    with pytest.raises(ValueError, match="cache_window"):
+        sparsify(model, threshold_predictors(), cache_window=0)
+    assert torch.equal(logits(model), dense)
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def test_mincore_and_io_counters_see_what_a_kernel_reads(weight_path):
+    """After drop_pages nothing is resident; the by-index kernel over 1 neuron in 10 of one
+    layer makes exactly the pages of those neurons' records resident, and (on a block
+    device) /proc/self/io counts them as read from storage."""
+    import mmap
+
+    from sparselab.evaluation.storage import StorageCounter
+
+    wf = MLPWeightFile(weight_path)
+    wf.drop_pages()
+    if wf.resident_bytes():
+        pytest.skip("the file's pages cannot be dropped here (tmpfs?)")
+    idx = np.arange(0, N, 10)
+    with StorageCounter() as io:
+        _fast.BundleMLP(wf.layer(1), torch.float32, "silu")(torch.randn(1, H), idx)
+    record = 3 * H * 4
+    start = wf.data_offset + wf.layer_bytes * 1 + idx * record  # byte offsets in the file
+    pages = set()
+    for s in start:
+        pages.update(range(s // mmap.PAGESIZE, (s + record - 1) // mmap.PAGESIZE + 1))
+    vec = wf.resident_pages() & 1
+    touched = {p + wf.data_offset // mmap.PAGESIZE for p in np.flatnonzero(vec)}
+    assert touched == pages  # random advice: no read-ahead beyond the records touched
+    assert io.read_bytes in (0, len(pages) * mmap.PAGESIZE)  # 0 only where the fs has no block device
+    wf.drop_pages()
+    assert wf.resident_bytes() == 0
+
+
+def test_memory_cap_kills_a_child_over_it_and_lets_one_under_it_run():
+    import subprocess
+    import sys
+
+    from sparselab.evaluation.cgroup import CgroupUnavailable, MemoryCap
+
+    try:
+        cap = MemoryCap(64 * 2**20)
+    except CgroupUnavailable as err:
+        pytest.skip(str(err))
+    with cap:
+        code = "import numpy as np; a = np.ones({} * 2**20 // 8); print('ok')"
+        over = subprocess.run([sys.executable, "-c", code.format(160)], preexec_fn=cap.preexec,
+                              capture_output=True, text=True)
+        assert over.returncode == -9 and cap.failcnt > 0
+        cap.set_limit(400 * 2**20)
+        under = subprocess.run([sys.executable, "-c", code.format(160)], preexec_fn=cap.preexec,
+                               capture_output=True, text=True)
+        assert under.returncode == 0 and under.stdout.strip() == "ok"
+        assert cap.peak >= 160 * 2**20
+    assert not cap.path.exists()
+    with pytest.raises(ValueError, match="limit_bytes"):
+        MemoryCap(10)
