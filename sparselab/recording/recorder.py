@@ -265,6 +265,8 @@ class Recorder:
         if self._writer.pieces is not None:
             pieces = self.tokenizer.batch_decode([[int(t)] for t in chunk["token_ids"]])
         self._writer.append(chunk, call.buffers, pieces)
+        call.buffers.clear()
+        trim_heap()  # the batch's buffers (and the store's encode buffers) back to the OS
         if self.auto_commit:  # record() commits once per batch, with the passages it held
             self._writer.commit()
 
