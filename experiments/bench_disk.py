@@ -132,6 +132,8 @@ def worker(spec: dict) -> dict:
         caches = handle.caches
         res["rows_held"] = int(sum(c.n_active for c in caches.values())) if caches else None
         res["cache_bytes"] = int(handle.extra_bytes) if caches else None
+        inner = [getattr(c, "cache", c) for c in caches.values()]
+        res["cache_headroom"] = float(inner[0]._headroom) if inner else None
     return res
 
 
@@ -206,6 +208,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8, help="decode steps before timing (at least k)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="two runs, few tokens")
+    ap.add_argument("--rerun", nargs="+", default=None,
+                    help="re-measure only runs matching e.g. variant=cache (comma-separated key=value), "
+                         "replacing them in --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -228,6 +233,13 @@ def main() -> None:
         args.tokens, args.warmup = 4, 2
         runs = [r for r in runs if r["cap"] == 0.5 and r["window"] == 1][:3]
     rows = []
+    if args.rerun:  # measure again the runs matching --rerun, keep the other rows of --out
+        old = json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
+        want = [r for r in runs if any(all(str(r[k]) == v for k, v in (kv.split("=") for kv in sel.split(",")))
+                                       for sel in args.rerun)]
+        keys = {(r["variant"], r["density"], r["cap"], r["window"]) for r in want}
+        rows = [r for r in old if (r["variant"], r["density"], r["cap"], r["window"]) not in keys]
+        runs = want
     for run in tqdm(runs, desc="bench_disk"):
         # a window of k tokens fills over k steps: warm up at least that long
         spec = dict(run, weight_file=str(wpath), tokens=args.tokens, warmup=max(args.warmup, run["window"]),

@@ -128,11 +128,16 @@ def test_bundle_kernel_and_cache_equal_their_in_ram_counterparts_bit_for_bit(wei
     assert torch.equal(_fast.BundleMLP(bundle, torch.float32, "silu")(x, idx),
                        _fast.IndexedMLP(gate, up, down_t, "silu")(x, idx))
     ram = _fast.WeightCache(gate, up, down_t=down_t)
-    disk = _fast.WeightCache.from_bundle(bundle, torch.float32)
+    disk = _fast.WeightCache.from_bundle(bundle, torch.float32, headroom=0.25)  # the in-RAM growth
+    exact = _fast.WeightCache.from_bundle(bundle, torch.float32)  # no spare rows
+    peak = 0
     for _ in range(6):
         mask = rng.random(N) < 0.3
         assert ram.update(mask) == disk.update(mask)
         assert torch.equal(disk.forward(x, "silu"), ram.forward(x, "silu"))
+        peak = max(peak, exact.update(mask).n_active)
+        assert exact.capacity == peak  # grows to what it must hold, never beyond
+        assert torch.equal(exact.forward(x, "silu"), ram.forward(x, "silu"))
     some = disk.order[::3].copy()
     torch.testing.assert_close(disk.forward_neurons(x, some, "silu"),
                                _fast.sparse_mlp(x, gate, up, down_t, some, "silu"), rtol=1e-5, atol=1e-6)

@@ -135,11 +135,12 @@ class WeightCache:
         self._src_sc = None
         if dtype == torch.int8:
             self._src_sc = stacked_scales(gate_weight, up_weight, down_t)
+        self._headroom = 0.25
         self._init_state(dtype, n_neurons, hidden, capacity)
 
     @classmethod
     def from_bundle(cls, bundle: np.ndarray, dtype: torch.dtype = torch.float32, capacity=None,
-                    *, n_threads=None, prefetch=None) -> WeightCache:
+                    *, n_threads=None, prefetch=None, headroom: float = 0.0) -> WeightCache:
         """A cache whose rows are filled from a bundled ``[I, 3, H]`` array (a neuron's gate
         row, up row and down column adjacent: one contiguous read per entering neuron), e.g.
         a memory-mapped :class:`~sparselab.runtime.weight_file.MLPWeightFile` layer.
@@ -150,6 +151,9 @@ class WeightCache:
         The bundle is referenced, never copied; only entering neurons are read from it.
         ``prefetch``: called with the entering neurons (int64, sorted) before they are
         copied, e.g. :meth:`MLPWeightFile.prefetcher` to start their reads asynchronously.
+        ``headroom``: spare rows a growing update adds, as a share of the capacity (0 here:
+        under a memory cap every spare row is memory the page cache cannot use; the
+        in-RAM constructor keeps 1/4 for amortised growth).
         """
         bundle = check_bundle(bundle, "bundle", dtype)
         n_neurons, _, hidden = bundle.shape
@@ -165,6 +169,9 @@ class WeightCache:
         self._bundle = bundle
         self._prefetch = prefetch
         self._src_sc = None  # a bundle holds float weights only
+        if not 0.0 <= float(headroom) <= 4.0:
+            raise ValueError(f"headroom must be in [0, 4], got {headroom!r}")
+        self._headroom = float(headroom)
         self._init_state(dtype, n_neurons, hidden, 0 if capacity is None else capacity)
         return self
 
@@ -320,7 +327,7 @@ class WeightCache:
             # holding at most 25 % spare rows (the first update allocates exactly, so a
             # fixed-size top-k mask never carries spare rows); allocate before touching state
             # so a MemoryError leaves the cache as it was
-            new_cap = min(self._n_neurons, max(n_new, self.capacity + self.capacity // 4))
+            new_cap = min(self._n_neurons, max(n_new, self.capacity + int(self.capacity * self._headroom)))
             old_gu_np, old_dt_np = self._gu_np, self._dt_np
             gu = torch.empty((new_cap, 2, self._hidden), dtype=self._dtype)
             dt = torch.empty((new_cap, self._hidden), dtype=self._dtype)
