@@ -20,25 +20,36 @@ ctypedef fused wtype:
     int8_t
 
 
+cdef int _copy_rows(const wtype* gate, const wtype* up, const wtype* down_t, Py_ssize_t stride,
+                    wtype* gate_up_buf, wtype* down_t_buf, const int64_t* neurons,
+                    const int64_t* slots, Py_ssize_t m, Py_ssize_t h, int n_threads) except -1 nogil:
+    """Rows ``neurons[p]`` of gate, up and down_t (``stride`` elements apart) into slot
+    ``slots[p]``: one implementation for separate tensors and for a bundled file."""
+    cdef size_t row_bytes = h * sizeof(wtype)
+    cdef Py_ssize_t p
+    cdef int64_t j, s
+    # a handful of rows is latency-bound on one core; threads only pay off for large churn
+    if m < 64:
+        n_threads = 1
+    for p in prange(m, num_threads=n_threads, schedule='static'):
+        j = neurons[p] * stride
+        s = slots[p]
+        memcpy(gate_up_buf + s * 2 * h, gate + j, row_bytes)
+        memcpy(gate_up_buf + s * 2 * h + h, up + j, row_bytes)
+        memcpy(down_t_buf + s * h, down_t + j, row_bytes)
+    return 0
+
+
 def copy_in(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,
             wtype[:, :, ::1] gate_up_buf, wtype[:, ::1] down_t_buf,
             const int64_t[::1] neurons, const int64_t[::1] slots, int n_threads):
     """Copy the gate, up and down_t rows of ``neurons[p]`` into slot ``slots[p]``."""
-    cdef Py_ssize_t m = neurons.shape[0], h = gate.shape[1], p
-    cdef size_t row_bytes = h * sizeof(wtype)
-    cdef int64_t j, s
+    cdef Py_ssize_t m = neurons.shape[0], h = gate.shape[1]
     if m == 0:
         return None
-    # a handful of rows is latency-bound on one core; threads only pay off for large churn
-    if m < 64:
-        n_threads = 1
     with nogil:
-        for p in prange(m, num_threads=n_threads, schedule='static'):
-            j = neurons[p]
-            s = slots[p]
-            memcpy(&gate_up_buf[s, 0, 0], &gate[j, 0], row_bytes)
-            memcpy(&gate_up_buf[s, 1, 0], &up[j, 0], row_bytes)
-            memcpy(&down_t_buf[s, 0], &down_t[j, 0], row_bytes)
+        _copy_rows(&gate[0, 0], &up[0, 0], &down_t[0, 0], h, &gate_up_buf[0, 0, 0],
+                   &down_t_buf[0, 0], &neurons[0], &slots[0], m, h, n_threads)
     return None
 
 
@@ -48,19 +59,13 @@ def copy_in_bundle(const wtype[:, :, ::1] bundle, wtype[:, :, ::1] gate_up_buf,
     """Like :func:`copy_in` from a bundled ``[I, 3, H]`` source (gate row, up row, down
     column of a neuron adjacent, e.g. a memory-mapped weight file): one contiguous read
     of ``3 * H`` elements per neuron."""
-    cdef Py_ssize_t m = neurons.shape[0], h = bundle.shape[2], p
-    cdef size_t row_bytes = h * sizeof(wtype)
-    cdef int64_t j, s
+    cdef Py_ssize_t m = neurons.shape[0], h = bundle.shape[2]
     if m == 0:
         return None
-    if m < 64:
-        n_threads = 1
     with nogil:
-        for p in prange(m, num_threads=n_threads, schedule='static'):
-            j = neurons[p]
-            s = slots[p]
-            memcpy(&gate_up_buf[s, 0, 0], &bundle[j, 0, 0], 2 * row_bytes)
-            memcpy(&down_t_buf[s, 0], &bundle[j, 2, 0], row_bytes)
+        _copy_rows(&bundle[0, 0, 0], &bundle[0, 1, 0], &bundle[0, 2, 0], 3 * h,
+                   &gate_up_buf[0, 0, 0], &down_t_buf[0, 0], &neurons[0], &slots[0], m, h,
+                   n_threads)
     return None
 
 

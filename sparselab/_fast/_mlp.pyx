@@ -295,6 +295,14 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
     return 0
 
 
+cdef const float* _int8_scales(const float[:, :, ::1] scales, Py_ssize_t* nb) except NULL:
+    """The ``[*, 3, nb]`` scales int8 weights need (one per row or per block of 32)."""
+    if scales is None:
+        raise ValueError("int8 weights need scales")
+    nb[0] = scales.shape[2]
+    return &scales[0, 0, 0]
+
+
 def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,
                   const int64_t[::1] idx, const float[:, ::1] x, float[:, ::1] y, int act,
                   int n_threads, const float[:, :, ::1] scales=None):
@@ -308,10 +316,7 @@ def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[
         y[:, :] = 0.0
         return None
     if wtype is int8_t:
-        if scales is None:
-            raise ValueError("int8 weights need scales")
-        sc = &scales[0, 0, 0]
-        nb = scales.shape[2]
+        sc = _int8_scales(scales, &nb)
     _run(&gate[0, 0], &up[0, 0], h, &down_t[0, 0], h, &idx[0], n, sc, nb, &x[0, 0], bsz, h,
          &y[0, 0], act, n_threads)
     return None
@@ -330,10 +335,7 @@ def cache_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t, Py
         y[:, :] = 0.0
         return None
     if wtype is int8_t:
-        if scales is None:
-            raise ValueError("int8 weights need scales")
-        sc = &scales[0, 0, 0]
-        nb = scales.shape[2]
+        sc = _int8_scales(scales, &nb)
     _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, NULL, n, sc, nb,
          &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
     return None
@@ -349,9 +351,9 @@ def bundle_forward(const wtype[:, :, ::1] bundle, const int64_t[::1] idx, const 
         return None
     if wtype is int8_t:
         raise ValueError("a weight bundle holds float weights (fp32 or bf16), not int8")
-    _run(&bundle[0, 0, 0], &bundle[0, 1, 0], 3 * h, &bundle[0, 2, 0], 3 * h, &idx[0], n,
-         NULL, 1, &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
-    return None
+    else:  # the int8 specialization stops above
+        _run(&bundle[0, 0, 0], &bundle[0, 1, 0], 3 * h, &bundle[0, 2, 0], 3 * h, &idx[0], n,
+             NULL, 1, &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
 
 
 def slots_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t,
@@ -365,9 +367,9 @@ def slots_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t,
         return None
     if wtype is int8_t:
         raise ValueError("slots_forward runs float caches (fp32 or bf16), not int8")
-    _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, &slots[0], n,
-         NULL, 1, &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
-    return None
+    else:  # the int8 specialization stops above
+        _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, &slots[0], n,
+             NULL, 1, &x[0, 0], bsz, h, &y[0, 0], act, n_threads)
 
 
 ISA_NAMES = tuple(sl_isa_names[i].decode() for i in range(SL_N_ISA))
