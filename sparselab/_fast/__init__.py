@@ -20,8 +20,10 @@ Modules, each one concept (the compiled ``_*.pyx`` behind them trust their input
 Every public function validates all of its arguments (shape, dtype, contiguity, index range,
 activation name) *before* any state changes and raises ``ValueError`` naming the problem.
 Results are numpy arrays or torch tensors that share memory with the buffers that hold them.
-Weights are ``torch.float32`` or ``torch.bfloat16`` (bf16 is handed to Cython as raw uint16
-bits and widened on the fly); accumulation is always float32.
+Weights are ``torch.float32``, ``torch.bfloat16`` (handed to C as raw uint16 bits) or int8
+(:mod:`~sparselab._fast.quant`: ``quantize_int8`` with per-block-32 or per-row scales);
+accumulation is always float32. The inner loops are chosen at run time from the CPU's
+instruction sets (:mod:`~sparselab._fast.isa`; :func:`info` says which path runs).
 """
 
 from __future__ import annotations

