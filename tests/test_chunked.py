@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import sparselab as sl
-from sparselab.masking.chunked import analyze, chunked_masks, chunked_thresholds
+from sparselab.masking.chunked import chunked_masks, chunked_thresholds
 from sparselab.masking.rules import calibrated_thresholds
 from sparselab.masking.thresholds import MagnitudeIndex
+from sparselab.studies.scale import analyze
 
 DENSITIES = [0.05, 0.3, 0.5, 0.77, 1.0]
 

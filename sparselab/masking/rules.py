@@ -126,7 +126,7 @@ def calibrated_thresholds(trace, source: str, densities: Sequence[float],
         raise KeyError(f"{source!r} was not recorded (recorded: {sorted(trace.arrays)}); "
                        f"record with store=(..., {source!r})")
     if index is None and hasattr(trace.arrays[source], "to_dask"):  # a streamed (Zarr) trace
-        from sparselab.masking.chunked import chunked_thresholds
+        from sparselab.masking.streamed import chunked_thresholds
 
         return chunked_thresholds(trace, source, values)
     index = MagnitudeIndex(trace.arrays[source]) if index is None else index

@@ -26,7 +26,7 @@ from sparselab.masking.rules import Rule
 from sparselab.models import LayerMLP
 from sparselab.runtime.stats import StepStats, StepTimes
 
-__all__ = ["RunState", "SparseMLP"]
+__all__ = ["RunState", "SparseMLP", "is_sparsified"]
 
 
 def _no_clock() -> int:
@@ -448,3 +448,8 @@ class SparseMLP(nn.Module):
                      StepTimes(predictor=t1 - t0, cache=t2 - t1, mlp=clock() - t2), stats,
                      active=len(idx))
         return y.reshape(x.shape)
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    """Whether any decoder layer of ``model`` currently runs a :class:`SparseMLP`."""
+    return any(isinstance(m, SparseMLP) for m in model.modules())

@@ -47,7 +47,7 @@ from sparselab.prediction.protocol import MaskPredictor
 from sparselab.prediction.static import static_from_trace
 from sparselab.runtime.handle import SparseHandle
 from sparselab.runtime.layout import transpose_in_place, untranspose_in_place
-from sparselab.runtime.sparse_mlp import RunState, SparseMLP, model_pre_hook
+from sparselab.runtime.sparse_mlp import RunState, SparseMLP, is_sparsified, model_pre_hook
 from sparselab.runtime.weight_file import drop_layer_weights
 
 __all__ = ["KERNELS", "PREFILLS", "SPARSIFY_MODES", "AlreadySparsifiedError", "is_sparsified", "sparsify"]
@@ -60,11 +60,6 @@ WEIGHT_FORMATS = ("model", "int8", "int8_rows")
 
 class AlreadySparsifiedError(RuntimeError):
     """Raised by :func:`sparsify` on a model whose MLPs are already wrapped."""
-
-
-def is_sparsified(model: nn.Module) -> bool:
-    """Whether any decoder layer of ``model`` currently runs a :class:`SparseMLP`."""
-    return any(isinstance(m, SparseMLP) for m in model.modules())
 
 
 _PROTOCOL_MEMBERS = ("layers", "lookahead", "hidden_size", "n_neurons", "bytes", "dtype", "mask",

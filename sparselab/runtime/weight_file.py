@@ -79,7 +79,7 @@ def write_mlp_file(model: nn.Module, path, layers=None) -> Path:
     from tqdm.auto import tqdm
 
     from sparselab.models import adapter_for
-    from sparselab.runtime.sparsify import is_sparsified
+    from sparselab.runtime.sparse_mlp import is_sparsified
 
     adapter = adapter_for(model)
     if is_sparsified(model):
