@@ -76,12 +76,44 @@ def record_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (checked before the model loads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _density(text: str) -> float:
+    """argparse type: a fraction in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
+
+
+def _output_file(text: str) -> Path:
+    """argparse type: a file path whose folder exists (it is written at the end of a run)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a directory: give a file name")
+    if not path.parent.exists() and path.parent != DEFAULT_REPORT.parent:
+        raise argparse.ArgumentTypeError(f"folder {path.parent} does not exist")
+    return path
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="HF id or folder (default: embedded SmolLM2-135M)")
     parser.add_argument("--corpus", default="pydoc", help="'pydoc' or a text file")
-    parser.add_argument("--texts", type=int, default=32, help="number of passages")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per passage")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--texts", type=_positive_int, default=32, help="number of passages")
+    parser.add_argument("--max-length", type=_positive_int, default=128, help="tokens per passage")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,18 +121,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_demo = sub.add_parser("demo", help="record, print the per-layer table, write a report")
     _common(p_demo)
-    p_demo.add_argument("--density", type=float, default=0.5, help="calibrated target density")
-    p_demo.add_argument("--out", type=Path, default=DEFAULT_REPORT, help="HTML report path")
+    p_demo.add_argument("--density", type=_density, default=0.5, help="calibrated target density")
+    p_demo.add_argument("--out", type=_output_file, default=DEFAULT_REPORT, help="HTML report path")
     p_demo.set_defaults(func=demo)
     p_rec = sub.add_parser("record", help="record a trace and save it")
     _common(p_rec)
-    p_rec.add_argument("--out", type=Path, required=True, help="trace file to write")
+    p_rec.add_argument("--out", type=_output_file, required=True, help="trace file to write")
+    p_rec.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p_rec.set_defaults(func=record_cmd)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "record" and args.out.exists() and not args.overwrite:
+        parser.error(f"argument --out: {args.out} exists (pass --overwrite to replace it)")
     return args.func(args)
 
 

@@ -224,6 +224,40 @@ def test_record_input_errors(model, tokenizer):
         record(model, tokenizer, [], progress=False)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"texts": ["w3 w4", "  "]}, r"texts must be non-empty strings: texts\[1\]"),
+    ({"max_length": 0}, "max_length must be >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"batch_size": -1}, "batch_size must be >= 1, got -1"),
+    ({"dtype": torch.int32}, "dtype must be torch.float16, torch.bfloat16 or torch.float32"),
+    ({"layers": []}, "layers is empty"),
+    ({"layers": [0, 7]}, r"layers must be distinct numbers in \[0, 3\)"),
+    ({"store": []}, "store is empty"),
+    ({"store": "gates"}, r"unknown arrays \['gates'\]"),
+])
+def test_record_bad_arguments_fail_before_any_work(model, tokenizer, kwargs, message):
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before, padding_side = hooks(), tokenizer.padding_side
+    args = {"texts": TEXTS[:2], "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        record(model, tokenizer, args.pop("texts"), **args)
+    assert hooks() == before and tokenizer.padding_side == padding_side
+
+
+def test_record_takes_one_array_name_and_leaves_the_tokenizer_as_it_was(model, tokenizer):
+    trace = record(model, tokenizer, TEXTS[:2], store="gate", progress=False)
+    assert set(trace.arrays) == {"gate"}
+    pad = tokenizer.pad_token
+    tokenizer.pad_token = None  # a tokenizer without a pad token (as many causal LMs ship)
+    try:
+        trace = record(model, tokenizer, TEXTS[:2], store="h", progress=False)
+        assert trace.n_tokens == 9 + 3 and tokenizer.pad_token is None
+    finally:
+        tokenizer.pad_token = pad
+
+
 # -- generate with the KV cache ---------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparselab._checks import check_int
 from sparselab._heap import trim_heap
 from sparselab.models import adapter_for, model_identity
 from sparselab.recording.trace import ARRAYS, Trace
@@ -55,6 +56,41 @@ def _past_length(kwargs: dict[str, Any]) -> int:
     if hasattr(past, "get_seq_length"):
         return int(past.get_seq_length())
     return int(past[0][0].shape[-2]) if len(past) else 0
+
+
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_recording(n_layers: int, layers, store, dtype, input_dtype=torch.float32
+                    ) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``(layers, store)`` checked for a model of ``n_layers`` layers, else ``ValueError``.
+
+        >>> check_recording(30, None, "h", torch.float16)        # (0, ..., 29), ("h",)
+
+    One array name may be given as a string (``store="gate"``); ``layers=None`` means all.
+    """
+    for name, dt in (("dtype", dtype), ("input_dtype", input_dtype)):
+        if dt not in STORAGE_DTYPES:
+            raise ValueError(f"{name} must be torch.float16, torch.bfloat16 or torch.float32 "
+                             f"(recorded activations are floats), got {dt!r}")
+    if layers is None:
+        chosen = tuple(range(n_layers))
+    else:
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise ValueError(f"layers must be a list of layer numbers or None, got {layers!r}")
+        chosen = tuple(layers)
+        if not chosen:
+            raise ValueError("layers is empty: pass layer numbers, or None to record all layers")
+        if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in chosen):
+            raise ValueError(f"layers must be integers, got {list(chosen)}")
+        chosen = tuple(int(i) for i in chosen)
+    if any(not 0 <= i < n_layers for i in chosen) or len(set(chosen)) != len(chosen):
+        raise ValueError(f"layers must be distinct numbers in [0, {n_layers}), got {list(chosen)}")
+    names = (store,) if isinstance(store, str) else tuple(store)
+    unknown = sorted({str(a) for a in names} - set(ARRAYS))
+    if unknown:
+        raise ValueError(f"unknown arrays {unknown}; choose from {ARRAYS}")
+    return chosen, names
 
 
 class Recorder:
@@ -91,15 +127,8 @@ class Recorder:
     ) -> None:
         self.model = model
         self.adapter = adapter_for(model)
-        n = self.adapter.n_layers
-        self.layers = tuple(range(n)) if layers is None else tuple(int(i) for i in layers)
-        bad = [i for i in self.layers if not 0 <= i < n]
-        if bad or len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"layers must be distinct numbers in [0, {n}), got {list(self.layers)}")
-        self.store = tuple(store)
-        unknown = set(self.store) - set(ARRAYS)
-        if unknown:
-            raise ValueError(f"unknown arrays {sorted(unknown)}; choose from {ARRAYS}")
+        self.layers, self.store = check_recording(self.adapter.n_layers, layers, store, dtype,
+                                                  input_dtype)
         self.dtype, self.input_dtype, self.tokenizer = dtype, input_dtype, tokenizer
         self._hooked = self.store
         if masks is None and hasattr(out, "append"):  # an open store keeps its own rule
@@ -440,18 +469,41 @@ def record(
     is estimated first and :class:`RecordingTooLarge` raised if it exceeds the available
     memory (``check_memory=False`` skips the check).
     """
-    from tqdm.auto import tqdm
-
     if isinstance(texts, str):
         raise TypeError("texts must be a list of strings, not one string")
     if not texts:
         raise ValueError("texts is empty")
+    empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if empty:
+        raise ValueError(f"texts must be non-empty strings: texts{empty[:5]} "
+                         f"{'is' if len(empty) == 1 else 'are'} empty or not a string")
+    max_length = check_int("max_length", max_length, low=1)
+    batch_size = check_int("batch_size", batch_size, low=1)
     if resume and out is None:
         raise ValueError("resume=True needs out= (the store to continue)")
-    store = tuple(store)
+    layers, store = check_recording(adapter_for(model).n_layers, layers, store, dtype)
     device = next(model.parameters()).device
-    if tokenizer.pad_token is None:
+    # the caller's tokenizer comes back unchanged: pad token and padding side are restored
+    pad_token = tokenizer.pad_token
+    if pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token to pad batches with")
         tokenizer.pad_token = tokenizer.eos_token
+    try:
+        return _record_checked(model, tokenizer, texts, max_length, batch_size, layers, store,
+                               dtype, progress, device, out, resume, chunk_tokens, compression,
+                               masks, check_memory)
+    finally:
+        if pad_token is None:
+            tokenizer.pad_token = None
+
+
+def _record_checked(model, tokenizer, texts, max_length, batch_size, layers, store, dtype,
+                    progress, device, out, resume, chunk_tokens, compression, masks,
+                    check_memory) -> Trace:
+    """:func:`record` after its arguments were checked and a pad token set."""
+    from tqdm.auto import tqdm
+
     if out is None and check_memory:
         import psutil
 
