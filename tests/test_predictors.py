@@ -381,6 +381,33 @@ def test_corrupted_and_missing_files(tmp_path, trained):
     assert (other / "notes.txt").read_text() == "mine"
 
 
+def test_load_refuses_non_finite_values_and_a_non_boolean_lookahead(tmp_path, trained):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from sparselab.prediction.files import sha256_of
+
+    path = trained.save(tmp_path / "preds")
+    weights, config_path = path / "predictors.safetensors", path / "predictors.json"
+    tensors = load_file(str(weights))
+    name = next(k for k in tensors if k.endswith("quantiles.all"))
+    tensors[name][0] = float("nan")  # written consistently: the checksum matches the NaN
+    save_file(tensors, str(weights), metadata={"format": "sparselab.predictors"})
+    config = json.loads(config_path.read_text())
+    config["sha256"]["predictors.safetensors"] = sha256_of(weights)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(PredictorFileError, match=f"NaN or infinite values in {name}"):
+        Predictors.load(path)
+    path = trained.save(tmp_path / "preds2")
+    config_path = path / "predictors.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(dict(config, lookahead="no")))
+    with pytest.raises(PredictorFileError, match="lookahead must be true or false, got 'no'"):
+        Predictors.load(path)
+    assert Predictors.load(trained.save(tmp_path / "preds3")).lookahead is False
+
+
 def test_evaluate_refuses_another_models_trace(trained):
     wrong = synthetic_trace(n_seq=2)
     wrong.meta["model"] = dict(wrong.meta["model"], model_type="qwen2")

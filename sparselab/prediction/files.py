@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from sparselab.masking.rules import rule_from_dict
 from sparselab.prediction.lowrank import Predictors
 from sparselab.prediction.policy import Policy
@@ -121,8 +123,17 @@ def load_predictors(path: str | os.PathLike, model=None) -> Predictors:
             f"{weights_path} is corrupted or was modified: its checksum does not match "
             f"the one recorded in {CONFIG_FILE}"
         )
+    lookahead = config.get("lookahead", False)
+    if not isinstance(lookahead, bool):
+        raise PredictorFileError(f"{config_path}: lookahead must be true or false, got {lookahead!r}")
     try:
         tensors = load_file(str(weights_path))
+        bad = sorted(name for name, t in tensors.items()
+                     if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+        if bad:
+            raise PredictorFileError(
+                f"{weights_path} holds NaN or infinite values in {', '.join(bad[:4])}"
+                f"{' ...' if len(bad) > 4 else ''}: a layer would silently select no neurons")
         layers = [int(x) for x in config["layers"]]
         weights = {
             layer: tuple(
@@ -140,7 +151,7 @@ def load_predictors(path: str | os.PathLike, model=None) -> Predictors:
             weights,
             rule_from_dict(config["rule"]),
             policy=Policy(config["policy"]["kind"], config["policy"]["value"]),
-            lookahead=config.get("lookahead", False),
+            lookahead=lookahead,
             calibration=calibration,
             model=config.get("model"),
             activation=config.get("activation"),
