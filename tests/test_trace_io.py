@@ -219,3 +219,56 @@ def test_inconsistent_tensor_entry_is_a_trace_file_error(tmp_path):
     write_raw(path, {"__metadata__": meta, "array.h": {"dtype": "F16", "shape": [1, 1, 5], "data_offsets": [0, 16]}}, b"\0" * 16)
     with pytest.raises(TraceFileError, match="corrupted sparselab trace"):
         Trace.load(path)
+
+
+def _rewrite(path: Path, edit_header=None, edit_tensors=None) -> None:
+    """Re-save a trace file with its JSON header and/or tensors changed (a hand-edited file)."""
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()[FORMAT])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_header:
+        edit_header(header)
+    if edit_tensors:
+        edit_tensors(tensors)
+    safetensors.torch.save_file(tensors, str(path), metadata={FORMAT: json.dumps(header)})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: h.update(layers="1,4"), "'layers' must be a list of layer numbers"),
+    (lambda h: h.update(layers=[1, True]), "'layers' must be a list of layer numbers"),
+    (lambda h: h.update(meta=[1, 2]), "'meta' must be a JSON object, got list"),
+    (lambda h: h.update(pieces="abc"), "'pieces' must be null or a list of 9 strings"),
+    (lambda h: h.update(layers=[1]), r"array '\w+' must be \[1 layers, 9 tokens, width\]"),
+])
+def test_wrong_typed_header_fields_are_trace_file_errors(tmp_path, edit, message):
+    path = make_trace().save(tmp_path / "t.trace")
+    _rewrite(path, edit_header=edit)
+    with pytest.raises(TraceFileError, match=message):
+        Trace.load(path)
+
+
+def test_a_tensor_whose_dtype_was_changed_is_refused(tmp_path):
+    trace = make_trace()
+    trace.meta["store_dtype"] = "float16"
+    path = trace.save(tmp_path / "t.trace")
+    # same element size, other dtype: the bytes would be read as garbage bf16 values
+    _rewrite(path, edit_tensors=lambda t: t.update({"array.h": t["array.h"].view(torch.bfloat16)}))
+    with pytest.raises(TraceFileError, match="'h' is torch.bfloat16 but the trace was recorded as float16"):
+        Trace.load(path)
+    path = make_trace().save(tmp_path / "u.trace")
+    _rewrite(path, edit_tensors=lambda t: t.update(
+        {"token.positions": t["token.positions"].view(torch.float64)}))
+    with pytest.raises(TraceFileError, match="token field 'positions' must be int64"):
+        Trace.load(path)
+
+
+def test_saved_files_are_not_private_and_keep_the_mode_they_replace(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = make_trace().save(tmp_path / "t.trace")
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.chmod(path, 0o640)
+        make_trace(seed=1).save(path)
+        assert path.stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

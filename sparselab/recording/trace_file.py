@@ -51,11 +51,20 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={FORMAT: json.dumps(header)})
+        # mkstemp makes the file private (0600); keep the mode of the file it replaces, or
+        # what a plain open() would give under the user's umask
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
@@ -69,10 +78,9 @@ def load_trace(path: str | os.PathLike) -> Trace:
     except Exception as err:  # safetensors' own error type for bad offsets or dtypes
         raise TraceFileError(f"{path} is a corrupted sparselab trace: {err}") from err
     arrays = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("array.")}
-    tokens = {k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("token.")}
-    missing = [f for f in TOKEN_FIELDS if f not in tokens]
-    if missing:
-        raise TraceFileError(f"{path} is missing token fields {missing}")
+    tokens = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("token.")}
+    _check_contents(path, header, arrays, tokens)
+    tokens = {k: v.numpy() for k, v in tokens.items()}
     return Trace(
         layers=tuple(header["layers"]),
         arrays=arrays,
@@ -80,6 +88,46 @@ def load_trace(path: str | os.PathLike) -> Trace:
         meta=header.get("meta", {}),
         **{f: tokens[f] for f in TOKEN_FIELDS},
     )
+
+
+_STORED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _check_contents(path: Path, header: dict[str, Any], arrays: dict[str, torch.Tensor],
+                    tokens: dict[str, torch.Tensor]) -> None:
+    """The header's fields have the types :func:`save_trace` writes and the tensors the
+    shapes and dtypes the header implies; else :class:`TraceFileError` naming the field."""
+    def bad(what: str) -> TraceFileError:
+        return TraceFileError(f"{path} is not a valid sparselab trace: {what}")
+
+    layers = header.get("layers")
+    if not isinstance(layers, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+        raise bad(f"'layers' must be a list of layer numbers, got {layers!r:.80}")
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise bad(f"'meta' must be a JSON object, got {type(meta).__name__}")
+    missing = [f for f in TOKEN_FIELDS if f not in tokens]
+    if missing:
+        raise TraceFileError(f"{path} is missing token fields {missing}")
+    n = int(tokens["token_ids"].shape[0]) if tokens["token_ids"].ndim == 1 else -1
+    for name in TOKEN_FIELDS:
+        t = tokens[name]
+        if t.dtype != torch.int64 or t.ndim != 1 or t.shape[0] != n:
+            raise bad(f"token field {name!r} must be int64 [{n}], got {t.dtype} {list(t.shape)}")
+    pieces = header.get("pieces")
+    if pieces is not None and (not isinstance(pieces, list) or len(pieces) != n
+                               or not all(isinstance(p, str) for p in pieces)):
+        raise bad(f"'pieces' must be null or a list of {n} strings")
+    stored = meta.get("store_dtype")
+    for name, a in arrays.items():
+        if a.ndim != 3 or a.shape[0] != len(layers) or a.shape[1] != n:
+            raise bad(f"array {name!r} must be [{len(layers)} layers, {n} tokens, width], "
+                      f"got {list(a.shape)}")
+        if not a.is_floating_point():
+            raise bad(f"array {name!r} must hold floats, got {a.dtype}")
+        if name in ("h", "gate") and stored in _STORED_DTYPES and a.dtype != _STORED_DTYPES[stored]:
+            raise bad(f"array {name!r} is {a.dtype} but the trace was recorded as {stored} "
+                      "(the file was altered)")
 
 
 def _read_header(path: Path) -> dict[str, Any]:
