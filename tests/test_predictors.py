@@ -379,6 +379,11 @@ def test_corrupted_and_missing_files(tmp_path, trained):
     with pytest.raises(FileExistsError, match="not a sparselab predictors"):
         trained.save(other)
     assert (other / "notes.txt").read_text() == "mine"
+    path = trained.save(tmp_path / "preds3")
+    (path / "notes.txt").write_text("mine too")  # a user's file beside the predictors
+    with pytest.raises(FileExistsError, match=r"holds other files too \(notes.txt\)"):
+        trained.save(path)
+    assert (path / "notes.txt").read_text() == "mine too" and Predictors.load(path).layers
 
 
 def test_load_refuses_non_finite_values_and_a_non_boolean_lookahead(tmp_path, trained):

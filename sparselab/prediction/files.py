@@ -56,6 +56,11 @@ def save_predictors(predictors: Predictors, path: str | os.PathLike) -> Path:
         path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(path.iterdir()))
     ):
         raise FileExistsError(f"{path} exists and is not a sparselab predictors directory")
+    others = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_FILE, WEIGHTS_FILE)) \
+        if path.is_dir() else []
+    if others:  # replacing the directory would delete them
+        raise FileExistsError(f"{path} holds other files too ({', '.join(others[:3])}"
+                              f"{' ...' if len(others) > 3 else ''}): save the predictors elsewhere")
     tensors = {}
     for layer in predictors.layers:
         first, second, bias = predictors.layer_weights(layer)
