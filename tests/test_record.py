@@ -14,13 +14,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import sparselab as sl
 from sparselab.recording import Recorder, record
-from sparselab.testing.tiny import tiny_llama
+from sparselab.testing.tiny import tiny_llama, word_tokenizer
 
 N_LAYERS, HIDDEN, NEURONS, VOCAB = 3, 32, 48, 100
 TEXTS = [
@@ -50,12 +48,7 @@ def model():
 @pytest.fixture(scope="module")
 def tokenizer():
     """Word-level tokenizer built in memory: "wN" -> id N, [PAD]=0, [UNK]=1, [EOS]=2."""
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]"
-    )
+    return word_tokenizer(VOCAB)
 
 
 def ids_of(text: str) -> list[int]:

@@ -22,26 +22,13 @@ import torch
 import sparselab as sl
 from sparselab.recording import TOKEN_FIELDS, RecordingTooLarge, estimate_trace_bytes
 from sparselab.recording.zarr_store import StoreMismatch, ZarrTrace, convert
-from sparselab.testing.tiny import tiny_llama
+from sparselab.testing.tiny import tiny_llama, word_tokenizer
 
 VOCAB = 100
 TEXTS = [" ".join(f"w{(i * 7 + j) % 90 + 5}" for j in range(3 + i % 9)) for i in range(13)]
 MODEL_ARGS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=3,
                   max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=2)
 
-TOKENIZER_SRC = '''
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
-
-def word_tokenizer(vocab_size):
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]",
-                                   unk_token="[UNK]")
-'''
-exec(TOKENIZER_SRC)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -59,7 +46,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return word_tokenizer(VOCAB)  # noqa: F821 (defined by exec above)
+    return word_tokenizer(VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +156,8 @@ KILLED_RUN = '''
 import sys, time, torch
 import sparselab as sl
 from sparselab.recording.zarr_store import ZarrWriter
-from sparselab.testing.tiny import tiny_llama
+from sparselab.testing.tiny import tiny_llama, word_tokenizer
 torch.set_num_threads(1)
-{tokenizer_src}
 commit = ZarrWriter.commit
 def slow_commit(self, *args, **kwargs):
     commit(self, *args, **kwargs)
@@ -188,7 +174,7 @@ def test_sigkill_mid_run_keeps_committed_batches_and_resumes(model, tokenizer, t
     out = tmp_path / "killed.zarr"
     texts = TEXTS * 4
     script = tmp_path / "run.py"
-    script.write_text(KILLED_RUN.format(tokenizer_src=TOKENIZER_SRC, model_args=MODEL_ARGS,
+    script.write_text(KILLED_RUN.format(model_args=MODEL_ARGS,
                                         vocab=VOCAB, texts=texts))
     env = {**os.environ, "PYTHONPATH": str(Path(sl.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE,

@@ -19,6 +19,7 @@ so an interrupted sweep resumes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -121,17 +122,25 @@ def run_cell(cell: dict, path: str, held_out: float = 0.25, seed: int = 0, epoch
             for r in rows]
 
 
+@contextlib.contextmanager
 def _client(client):
-    """(client, owned): a LocalCluster of 2 single-thread workers when ``client`` is None."""
+    """The Dask client to submit to: a LocalCluster of 2 single-thread workers when
+    ``client`` is None, or a new client of a scheduler address; closed (with its cluster)
+    on exit only when made here."""
     from dask.distributed import Client, LocalCluster
 
-    if client is None:
-        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                               dashboard_address=":0")
-        return Client(cluster), True
-    if isinstance(client, str):
-        return Client(client), True
-    return client, False
+    if client is not None and not isinstance(client, str):
+        yield client
+        return
+    made = Client(LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                               dashboard_address=":0")) if client is None else Client(client)
+    try:
+        yield made
+    finally:
+        cluster = getattr(made, "cluster", None)
+        made.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def sweep(grid, traces: Mapping[str, str | os.PathLike] | str | os.PathLike, client=None,
@@ -187,21 +196,14 @@ def sweep(grid, traces: Mapping[str, str | os.PathLike] | str | os.PathLike, cli
     elif pending:
         from dask.distributed import as_completed
 
-        dask_client, owned = _client(client)
-        dashboard = dask_client.dashboard_link
-        try:
+        with _client(client) as dask_client:
+            dashboard = dask_client.dashboard_link
             futures = {dask_client.submit(run_cell, cell, traces[cell["model"]], held_out, seed, epochs,
                                           pure=False): (i, file) for i, cell, file in pending}
             for future in as_completed(futures):
                 i, file = futures[future]
                 done(i, future.result(), file)
                 bar.update()
-        finally:
-            if owned:
-                cluster = getattr(dask_client, "cluster", None)
-                dask_client.close()
-                if cluster is not None:
-                    cluster.close()
     bar.close()
     df = pd.DataFrame([row for i in sorted(results) for row in results[i]])
     df.attrs["dashboard"] = dashboard
@@ -235,16 +237,9 @@ def train_layers(path: str | os.PathLike, layers: Sequence[int], client=None, **
     rule = kwargs.get("rule")
     if rule is not None and not rule.fitted:
         raise ValueError("pass a fitted rule (rule.fit(trace)): each layer task would refit it")
-    dask_client, owned = _client(client)
-    try:
+    with _client(client) as dask_client:
         futures = [dask_client.submit(_train_one, path, int(layer), kwargs, pure=False) for layer in layers]
         parts = dask_client.gather(futures)
-    finally:
-        if owned:
-            cluster = getattr(dask_client, "cluster", None)
-            dask_client.close()
-            if cluster is not None:
-                cluster.close()
     first = parts[0]
     return Predictors(
         {k: v for p in parts for k, v in p._weights.items()}, first.rule, policy=first.policy,

@@ -4,6 +4,8 @@
     >>> model = tiny_llama(vocab_size=100, hidden_size=32, intermediate_size=48, num_layers=3)
     >>> model.model.layers[0].mlp.gate_proj.weight.shape
     torch.Size([48, 32])
+    >>> word_tokenizer(100)("w3 w4").input_ids
+    [3, 4]
 """
 
 from __future__ import annotations
@@ -30,3 +32,16 @@ def tiny_llama(*, vocab_size: int, hidden_size: int = 64, intermediate_size: int
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
                       intermediate_size=intermediate_size, num_hidden_layers=num_layers, **settings)
     return LlamaForCausalLM(cfg).eval()
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer built in memory for :func:`tiny_llama`'s vocabulary:
+    ``"wN"`` -> id N, ``[PAD]`` = 0, ``[UNK]`` = 1, ``[EOS]`` = 2 (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
