@@ -52,3 +52,16 @@ def gemma_model():
     import sparselab as sl
 
     return sl.load_model("gemma3-270m")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a test module of tiny models: tiny matmuls are slower with 2
+    OpenMP threads on a busy 2-core machine (spin-waits). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -60,13 +60,7 @@ POST_NORM_ONLY = {"olmo2", "exaone4"}  # mlp(x) with no norm before it, a norm a
 PARALLEL = {"cohere"}  # attention and MLP both read input_layernorm(x)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls are slower with 2 OpenMP threads on a busy 2-core machine (spin-waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(arch: str, seed: int = 0, **overrides):

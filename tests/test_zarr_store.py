@@ -31,12 +31,7 @@ MODEL_ARGS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_la
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
