@@ -128,6 +128,57 @@ def test_resume_after_an_exception(model, tokenizer, dense, tmp_path, monkeypatc
     assert_same(dense, again)  # complete: returned as is
 
 
+def test_failed_background_write_stops_commits_and_resumes(model, tokenizer, dense, tmp_path,
+                                                          monkeypatch):
+    """A write that fails on the writer thread (a full disk) surfaces in the caller, and no
+    commit lands past it: the store holds a prefix of whole batches and resumes."""
+    from sparselab.recording.zarr_store import ZarrWriter
+
+    out = tmp_path / "run.zarr"
+    write_rows, calls = ZarrWriter._write_rows, {"n": 0}
+
+    def failing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return write_rows(self, *args)
+
+    monkeypatch.setattr(ZarrWriter, "_write_rows", failing)
+    with pytest.raises(OSError, match="No space left"):
+        sl.record(model, tokenizer, TEXTS, batch_size=3, progress=False, out=out)
+    monkeypatch.setattr(ZarrWriter, "_write_rows", write_rows)
+    partial = sl.Trace.open(out)
+    assert not partial.progress["complete"] and len(partial.progress["passages"]) == 6
+    assert_same(dense.select_sequences(range(6)), partial.to_memory())
+    assert_same(dense, sl.record(model, tokenizer, TEXTS, batch_size=3, progress=False, out=out,
+                                 resume=True))
+
+
+def test_background_and_inline_writers_write_the_same_store(dense, tmp_path):
+    from sparselab.recording.zarr_store import ZarrWriter
+
+    arrays = {k: (int(v.shape[2]), v.dtype) for k, v in dense.arrays.items()}
+    stores = []
+    for background in (True, False):
+        path = tmp_path / f"bg{background}.zarr"
+        writer = ZarrWriter.create(path, dense.layers, arrays, config={}, meta={},
+                                   chunk_tokens=4, n_neurons=dense.n_neurons,
+                                   pieces=dense.pieces is not None)
+        writer._background = background
+        for start in range(0, dense.n_tokens, 5):  # batches that straddle chunks
+            stop = min(start + 5, dense.n_tokens)
+            writer.append({f: getattr(dense, f)[start:stop] for f in TOKEN_FIELDS},
+                          {(k, layer): dense.arrays[k][j, start:stop]
+                           for k in dense.arrays for j, layer in enumerate(dense.layers)},
+                          None if dense.pieces is None else dense.pieces[start:stop])
+            writer.commit()
+        writer.commit(n_seqs=dense.n_sequences, complete=True)
+        writer.close()
+        stores.append(sl.Trace.open(path))
+    assert_same(dense, stores[0])
+    assert_same(stores[1], stores[0])
+
+
 def test_resume_refuses_another_run(model, tokenizer, tmp_path):
     out = tmp_path / "run.zarr"
     sl.record(model, tokenizer, TEXTS[:6], batch_size=3, progress=False, out=out)
@@ -153,12 +204,12 @@ import sparselab as sl
 from sparselab.recording.zarr_store import ZarrWriter
 from sparselab.testing.tiny import tiny_llama, word_tokenizer
 torch.set_num_threads(1)
-commit = ZarrWriter.commit
-def slow_commit(self, *args, **kwargs):
-    commit(self, *args, **kwargs)
-    print("committed", len(self.progress["passages"]), flush=True)
+write_progress = ZarrWriter._write_progress  # the durable step (on the writer thread)
+def slow_commit(self, progress):
+    write_progress(self, progress)
+    print("committed", len(progress["passages"]), flush=True)
     time.sleep(0.05)
-ZarrWriter.commit = slow_commit
+ZarrWriter._write_progress = slow_commit
 model = tiny_llama(**{model_args!r})
 sl.record(model, word_tokenizer({vocab}), {texts!r}, batch_size=1, progress=False,
           out=sys.argv[1], chunk_tokens=5)

@@ -51,13 +51,9 @@ def churn(masks: Masks) -> pd.DataFrame:
     order, rank = sequence_order(masks.seq_ids, masks.positions)
     has_prev = np.flatnonzero(rank > 0)
     now, prev = order[has_prev], order[has_prev - 1]
-    cur_bits, prev_bits = masks.bits[:, now], masks.bits[:, prev]
-    diff = cur_bits ^ prev_bits
-    added = popcount(diff & cur_bits)
-    removed = popcount(diff & prev_bits)
-    active = popcount(cur_bits)
+    added, removed, active, active_prev = _pair_counts(masks.bits, now, prev)
     n = float(masks.n_neurons)
-    d_now, d_prev = active / n, popcount(prev_bits) / n
+    d_now, d_prev = active / n, active_prev / n
     df = long_frame(
         masks,
         now,
@@ -71,3 +67,19 @@ def churn(masks: Masks) -> pd.DataFrame:
         },
     )
     return attach_provenance(df, masks)
+
+
+def _pair_counts(bits: np.ndarray, now: np.ndarray, prev: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``added, removed, active, active_prev`` of each (``now``, ``prev``) token pair, ``[L, pairs]``.
+
+    One layer at a time: the whole trace's ``[L, pairs, words]`` temporaries (two gathers,
+    their XOR and two ANDs) would need several times the masks' own memory."""
+    counts = np.empty((4, bits.shape[0], len(now)), dtype=np.int64)
+    for li in range(bits.shape[0]):
+        cur, before = bits[li, now], bits[li, prev]
+        diff = cur ^ before
+        counts[0, li] = popcount(diff & cur)
+        counts[1, li] = popcount(diff & before)
+        counts[2, li] = popcount(cur)
+        counts[3, li] = popcount(before)
+    return tuple(counts)

@@ -40,23 +40,15 @@ def window_reuse(masks: Masks, windows: Sequence[int] = (1, 2, 4, 8, 16, 32)) ->
     masks = as_masks(masks)
     windows = check_positive_ints("windows", windows)
     order, rank = sequence_order(masks.seq_ids, masks.positions)
-    bits = masks.bits[:, order]  # [L, T, W] in sequence order
     n = float(masks.n_neurons)
-    active = popcount(bits)
-    footprint: dict[int, np.ndarray] = {}
-    new: dict[int, np.ndarray] = {}
-    # prev_union[:, t] = m[t-1] | ... | m[t-j] after step j; tokens with rank < j get bits
-    # from the previous sequence, but they are never used for a window k >= j
-    prev_union = np.zeros_like(bits)
-    for j in range(max(windows) + 1):
-        if j:
-            prev_union[:, j:] |= bits[:, :-j]
-        if j + 1 in windows:
-            use = rank >= j + 1
-            footprint[j + 1] = popcount(prev_union[:, use] | bits[:, use]).mean(axis=1) if use.any() else None
-        if j in windows:
-            use = rank >= j
-            new[j] = popcount(bits[:, use] & ~prev_union[:, use]).mean(axis=1) if use.any() else None
+    # one layer at a time: the window unions of a whole trace ([L, T, W] each) would need
+    # several times the masks' own memory
+    per_layer = [_layer_windows(masks.bits[li, order], rank, windows) for li in range(masks.n_layers)]
+    active = np.stack([a for a, _, _ in per_layer])
+    footprint = {k: None if per_layer[0][1][k] is None else np.array([f[k] for _, f, _ in per_layer])
+                 for k in windows}
+    new = {k: None if per_layer[0][2][k] is None else np.array([w[k] for _, _, w in per_layer])
+           for k in windows}
     rows = []
     nan = np.full(masks.n_layers, np.nan)
     for k in windows:
@@ -81,3 +73,24 @@ def window_reuse(masks: Masks, windows: Sequence[int] = (1, 2, 4, 8, 16, 32)) ->
             )
     df = pd.DataFrame(rows).sort_values(["layer", "window"], ignore_index=True)
     return attach_provenance(df, masks, windows=list(windows))
+
+
+def _layer_windows(bits: np.ndarray, rank: np.ndarray, windows: Sequence[int]):
+    """One layer's ``[T, W]`` masks in sequence order: per-token active counts, and per
+    window ``k`` the mean footprint and mean new neurons over tokens with ``rank >= k``
+    (``None`` where no token has that many predecessors)."""
+    footprint: dict[int, float | None] = {}
+    new: dict[int, float | None] = {}
+    # prev_union[t] = m[t-1] | ... | m[t-j] after step j; tokens with rank < j get bits
+    # from the previous sequence, but they are never used for a window k >= j
+    prev_union = np.zeros_like(bits)
+    for j in range(max(windows) + 1):
+        if j:
+            prev_union[j:] |= bits[:-j]
+        if j + 1 in windows:
+            use = rank >= j + 1
+            footprint[j + 1] = popcount(prev_union[use] | bits[use]).mean() if use.any() else None
+        if j in windows:
+            use = rank >= j
+            new[j] = popcount(bits[use] & ~prev_union[use]).mean() if use.any() else None
+    return popcount(bits), footprint, new

@@ -171,6 +171,8 @@ class Recorder:
     def __exit__(self, *exc) -> None:
         self.remove()
         self._call = None
+        if self._writer is not None:  # every streamed batch on disk before the block ends
+            self._writer.close()
 
     def remove(self) -> None:
         """Remove every hook this recorder registered (idempotent)."""
@@ -293,9 +295,8 @@ class Recorder:
         pieces = None
         if self._writer.pieces is not None:
             pieces = self.tokenizer.batch_decode([[int(t)] for t in chunk["token_ids"]])
-        self._writer.append(chunk, call.buffers, pieces)
+        self._writer.append(chunk, call.buffers, pieces)  # written on the store's thread
         call.buffers.clear()
-        trim_heap()  # the batch's buffers (and the store's encode buffers) back to the OS
         if self.auto_commit:  # record() commits once per batch, with the passages it held
             self._writer.commit()
 
@@ -335,6 +336,7 @@ class Recorder:
         if self._writer is not None:
             from sparselab.recording.zarr_store import open_trace
 
+            self._writer.flush()
             return open_trace(self._writer.path)
         if self._trace is None:
             self._trace = self._build()
@@ -548,12 +550,15 @@ def _record_checked(model, tokenizer, texts, max_length, batch_size, layers, sto
 
                         writer.commit(passages=[text_digest(t) for t in chunk],
                                       n_seqs=first + len(chunk))
+        if writer is not None:
+            writer.commit(complete=True)
     finally:
         tokenizer.padding_side = padding_side
+        if writer is not None:  # interrupted or not: what was queued and committed lands
+            writer.close()
     if writer is not None:
         from sparselab.recording.zarr_store import open_trace
 
-        writer.commit(complete=True)
         return open_trace(out)
     trace = rec.take_trace()
     trace.meta["record"] = {"max_length": max_length, "batch_size": batch_size, "n_texts": len(texts)}

@@ -30,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sparselab._heap import trim_heap
 from sparselab.recording.trace import ARRAYS, TOKEN_FIELDS, Trace
 
 __all__ = [
@@ -124,8 +127,13 @@ class ZarrWriter:
         >>> w.append(fields, {("h", 0): t0, ("h", 1): t1}); w.commit(passages=["ab12..."])
     """
 
-    def __init__(self, path: Path, group, header: dict[str, Any], progress: dict[str, Any]) -> None:
+    def __init__(self, path: Path, group, header: dict[str, Any], progress: dict[str, Any],
+                 background: bool = True) -> None:
         self.path, self.group, self.header, self.progress = path, group, header, progress
+        # Writes run on one worker thread, in order, while the model computes the next
+        # batch; commits are queued behind the rows they cover, so what is durable is
+        # always a prefix of what was appended.
+        self._background, self._jobs = background, None
         self.layers = tuple(header["layers"])
         self.arrays = {k: group[f"arrays/{k}"] for k in header["arrays"]}
         self.tokens = {k: group[f"tokens/{k}"] for k in TOKEN_FIELDS}
@@ -248,11 +256,22 @@ class ZarrWriter:
 
     def append(self, fields: dict[str, np.ndarray], buffers: dict[tuple[str, int], torch.Tensor],
                pieces: Sequence[str] | None = None) -> None:
-        """Write one forward pass's rows (not committed until :meth:`commit`)."""
+        """Write one forward pass's rows (not committed until :meth:`commit`).
+
+        With the background writer (the default) the rows are written on a worker thread
+        while the caller goes on; ``buffers`` is not touched after the call returns
+        (the job keeps its own references)."""
         rows = len(fields["token_ids"])
         if rows == 0:
             return
+        if self.pieces is not None and (pieces is None or len(pieces) != rows):
+            raise ValueError(f"this store keeps text pieces: pass {rows} of them")
         start, end = self._n, self._n + rows
+        self._n = end
+        self._run(self._write_rows, start, end, dict(fields), dict(buffers), pieces)
+
+    def _write_rows(self, start: int, end: int, fields: dict[str, np.ndarray],
+                    buffers: dict[tuple[str, int], torch.Tensor], pieces: Sequence[str] | None) -> None:
         for name, arr in self.arrays.items():
             arr.resize((arr.shape[0], end, arr.shape[2]))
             block = np.stack([buffers[(name, layer)].numpy() for layer in self.layers])
@@ -261,8 +280,6 @@ class ZarrWriter:
             arr.resize((end,))
             arr[start:end] = np.asarray(fields[name], dtype=np.int64)
         if self.pieces is not None:
-            if pieces is None or len(pieces) != rows:
-                raise ValueError(f"this store keeps text pieces: pass {rows} of them")
             self.pieces.resize((end,))
             self.pieces[start:end] = np.asarray(list(pieces), dtype=str)
         if self.mask_bits is not None:
@@ -275,19 +292,95 @@ class ZarrWriter:
             ])
             self.mask_bits.resize((bits.shape[0], end, bits.shape[2]))
             self.mask_bits[:, start:end, :] = bits
-        self._n = end
+        buffers.clear()
+        trim_heap()  # the batch's buffers and the store's encode buffers back to the OS
 
     def commit(self, passages: Sequence[str] = (), n_seqs: int | None = None, complete: bool = False) -> None:
-        """Make the rows written so far durable: one atomic update of the root attributes."""
+        """Make the rows appended so far durable: one atomic update of the root attributes.
+
+        Queued behind the rows it covers; ``complete=True`` also waits until it is on disk."""
         progress = dict(self.progress)
         progress["n_tokens"] = self._n
         progress["passages"] = list(progress["passages"]) + list(passages)
         if n_seqs is not None:
             progress["n_seqs"] = int(n_seqs)
         progress["complete"] = bool(complete)
-        self.group.attrs["progress"] = progress
         self.progress = progress
+        self._run(self._write_progress, progress)
+        if complete:
+            self.flush()
 
+    def _write_progress(self, progress: dict[str, Any]) -> None:
+        self.group.attrs["progress"] = progress
+
+    def _run(self, job, *args) -> None:
+        if not self._background:
+            job(*args)
+            return
+        if self._jobs is None:  # started on first use, stopped by close()
+            self._jobs = _OrderedJobs()
+        self._jobs.submit(job, *args)
+
+    def flush(self) -> None:
+        """Wait until every queued write and commit is on disk (re-raises a writer error)."""
+        if self._jobs is not None:
+            self._jobs.wait()
+
+    def close(self) -> None:
+        """Flush and stop the worker thread (idempotent; the store stays readable)."""
+        if self._jobs is not None:
+            jobs, self._jobs = self._jobs, None
+            jobs.close()
+
+
+class _OrderedJobs:
+    """One worker thread running submitted jobs in order; a job's error resurfaces in the
+    submitter (at the next submit, wait or close) and later jobs are skipped, so nothing
+    is committed past a failed write. At most ``depth`` jobs wait, which bounds the
+    memory held by queued batches."""
+
+    def __init__(self, depth: int = 1) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="sparselab-zarr-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    fn, args = job
+                    try:
+                        fn(*args)
+                    except BaseException as err:  # handed to the submitting thread
+                        self._error = err
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, fn, *args) -> None:
+        self._raise()
+        if not self._thread.is_alive():
+            raise RuntimeError("the store's writer thread has stopped")
+        self._queue.put((fn, args))
+
+    def wait(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.join()
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
@@ -448,6 +541,7 @@ def write_zarr(trace: Trace, path: str | os.PathLike, chunk_tokens: int = DEFAUL
                    for k in trace.arrays for j, layer in enumerate(trace.layers)}
         writer.append(fields, buffers, None if trace.pieces is None else trace.pieces[start:stop])
     writer.commit(n_seqs=trace.n_sequences, complete=True)
+    writer.close()
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)
