@@ -56,6 +56,7 @@ def child(mode: str, tokens: int, max_length: int, batch_size: int) -> dict:
     import torch
 
     import sparselab as sl
+    from sparselab.studies.scale import memory_profile
 
     torch.set_num_threads(2)
     model, tok = sl.load_model()
@@ -70,11 +71,14 @@ def child(mode: str, tokens: int, max_length: int, batch_size: int) -> dict:
     if mode in ("streamed+masks", "full-corpus"):
         kwargs["masks"] = sl.rules.TopK(keep=0.5)
     t0 = time.perf_counter()
-    trace = sl.record(model, tok, texts, **kwargs)
+    trace, profile = memory_profile(lambda: sl.record(model, tok, texts, **kwargs), interval=0.5)
     seconds = time.perf_counter() - t0
+    early = profile[profile.seconds <= 0.2 * seconds].rss_mb.max()  # first fifth of the run
+    late = profile[profile.seconds >= 0.8 * seconds].rss_mb.max()   # last fifth
     row = {"mode": mode, "target_tokens": tokens, "tokens": trace.n_tokens, "texts": len(texts),
            "distinct_texts": len(set(texts)), "seconds": seconds, "tokens_per_s": trace.n_tokens / seconds,
            "peak_rss_mb": _peak_rss_mb(), "rss_after_model_load_mb": rss_model,
+           "rss_mb_first_fifth": float(early), "rss_mb_last_fifth": float(late),
            "store_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20 if out.exists() else 0}
     if full:
         from sparselab.studies.scale import analyze
@@ -108,15 +112,19 @@ def _markdown(meta: dict, rows: list[dict], tokens: list[int]) -> str:
     lines = ["# Recording memory: in memory vs streamed to Zarr (SmolLM2-135M, 30 layers, h fp16)", "",
              f"`{meta['command']}` ({meta['measured_at']}, 2 torch threads, {meta['cpu_count']} cores). "
              "`memory` and `streamed` record the same arrays (h) of the same texts; `streamed+masks` also "
-             "packs TopK(0.5) masks beside h. Peak RSS is the child process's maximum resident set. "
+             "packs TopK(0.5) masks beside h. Peak RSS is the child process's maximum resident set; the "
+             "first / last fifth columns are the largest RSS sampled (every 0.5 s) in the first and last "
+             "fifth of the recording's time. "
              "Past the corpus's ~82k tokens (max_length 256) passages repeat (see `distinct texts`).", "",
-             "| tokens | mode | texts (distinct) | peak RSS MB | RSS after model load MB | tokens/s | store MB |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             "| tokens | mode | texts (distinct) | peak RSS MB | RSS after model load MB | max RSS first / last fifth MB "
+             "| tokens/s | store MB |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r["mode"] == "full-corpus":
             continue
         lines.append(f"| {r['tokens']} | {r['mode']} | {r['texts']} ({r['distinct_texts']}) | {r['peak_rss_mb']:.0f} "
-                     f"| {r['rss_after_model_load_mb']:.0f} | {r['tokens_per_s']:.0f} | {r['store_mb']:.0f} |")
+                     f"| {r['rss_after_model_load_mb']:.0f} | {r['rss_mb_first_fifth']:.0f} / {r['rss_mb_last_fifth']:.0f} "
+                     f"| {r['tokens_per_s']:.0f} | {r['store_mb']:.0f} |")
     by = {(r["mode"], r["target_tokens"]): r for r in rows}
     lines += ["", "| tokens | streamed / in-memory throughput | streamed+masks / in-memory |", "|---:|---:|---:|"]
     for t in tokens:

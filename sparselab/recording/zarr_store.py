@@ -135,9 +135,14 @@ class ZarrWriter:
         # always a prefix of what was appended.
         self._background, self._jobs = background, None
         self.layers = tuple(header["layers"])
-        self.arrays = {k: group[f"arrays/{k}"] for k in header["arrays"]}
-        self.tokens = {k: group[f"tokens/{k}"] for k in TOKEN_FIELDS}
-        self.mask_bits = group["masks/bits"] if header.get("masks_rule") else None
+        # write every chunk as is: zarr's default first scans each chunk for being all
+        # fill value (to skip writing it), about a quarter of the writer's CPU time here
+        def writable(name):
+            return group[name].with_config({"write_empty_chunks": True})
+
+        self.arrays = {k: writable(f"arrays/{k}") for k in header["arrays"]}
+        self.tokens = {k: writable(f"tokens/{k}") for k in TOKEN_FIELDS}
+        self.mask_bits = writable("masks/bits") if header.get("masks_rule") else None
         self.pieces = group["pieces"] if "pieces" in group else None
         self._rule = None
         if self.mask_bits is not None:
