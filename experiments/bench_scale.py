@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,20 +126,28 @@ def _markdown(meta: dict, rows: list[dict], tokens: list[int]) -> str:
         lines.append(f"| {r['tokens']} | {r['mode']} | {r['texts']} ({r['distinct_texts']}) | {r['peak_rss_mb']:.0f} "
                      f"| {r['rss_after_model_load_mb']:.0f} | {r['rss_mb_first_fifth']:.0f} / {r['rss_mb_last_fifth']:.0f} "
                      f"| {r['tokens_per_s']:.0f} | {r['store_mb']:.0f} |")
-    by = {(r["mode"], r["target_tokens"]): r for r in rows}
-    lines += ["", "| tokens | streamed / in-memory throughput | streamed+masks / in-memory |", "|---:|---:|---:|"]
+    lines += ["", "Throughput against the in-memory recording of the same texts: median of the interleaved "
+              "repeats, and the range of the per-repeat ratios.", "",
+              "| tokens | repeats | streamed / in-memory | range | streamed+masks / in-memory | range |",
+              "|---:|---:|---:|---|---:|---|"]
     for t in tokens:
-        if ("memory", t) in by and ("streamed", t) in by:
-            mem = by[("memory", t)]["tokens_per_s"]
-            with_masks = by.get(("streamed+masks", t))
-            ratio = f"{with_masks['tokens_per_s'] / mem:.2f}" if with_masks else "-"
-            lines.append(f"| {t} | {by[('streamed', t)]['tokens_per_s'] / mem:.2f} | {ratio} |")
+        speed = {m: [r["tokens_per_s"] for r in rows if r["mode"] == m and r["target_tokens"] == t] for m in MODES}
+        if not speed["memory"]:
+            continue
+        cells = []
+        for mode in ("streamed", "streamed+masks"):
+            per = [s / m for s, m in zip(speed[mode], speed["memory"], strict=True)]
+            cells += [f"{statistics.median(speed[mode]) / statistics.median(speed['memory']):.2f}",
+                      f"{min(per):.2f}-{max(per):.2f}"]
+        lines.append(f"| {t} | {len(speed['memory'])} | {' | '.join(cells)} |")
+    by = {(r["mode"], r["target_tokens"]): r for r in rows}
     streamed = sorted((r for r in rows if r["mode"] == "streamed+masks"), key=lambda r: r["tokens"])
-    if len(streamed) >= 2:
-        lo, hi = streamed[0], streamed[-1]
-        lines += ["", f"Peak RSS of a streamed recording (h + masks) from {lo['tokens']} to {hi['tokens']} tokens: "
-                  f"{lo['peak_rss_mb']:.0f} -> {hi['peak_rss_mb']:.0f} MB "
-                  f"({100 * (hi['peak_rss_mb'] / lo['peak_rss_mb'] - 1):+.1f} %)."]
+    if len(streamed) >= 2 and streamed[-1]["target_tokens"] != streamed[0]["target_tokens"]:
+        small = [r["peak_rss_mb"] for r in streamed if r["target_tokens"] == streamed[0]["target_tokens"]]
+        lo, hi = statistics.median(small), streamed[-1]["peak_rss_mb"]
+        lines += ["", f"Peak RSS of a streamed recording (h + masks) from {streamed[0]['tokens']} tokens (median of "
+                  f"{len(small)} runs: {', '.join(f'{x:.0f}' for x in small)} MB) to {streamed[-1]['tokens']} tokens: "
+                  f"{lo:.0f} -> {hi:.0f} MB ({100 * (hi / lo - 1):+.1f} %)."]
     full = by.get(("full-corpus", 0))
     if full:
         a = full["analysis"]
@@ -159,6 +168,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--memory-max", type=int, default=30000,
                         help="largest token count recorded in memory (default 30000)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved repeats of each mode where memory runs too (default 3)")
     parser.add_argument("--full-corpus", action="store_true", help="also record and analyse the whole corpus")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,14 +182,17 @@ def main() -> None:
 
     rows = []
     for tokens in args.tokens:
-        for mode in MODES:
-            if mode == "memory" and tokens > args.memory_max:
-                continue
-            rows.append(_run_child(mode, tokens, args.max_length, args.batch_size))
+        modes = [m for m in MODES if m != "memory" or tokens <= args.memory_max]
+        # the throughput comparison: modes interleaved, rotating which goes first
+        repeats = args.repeats if "memory" in modes else 1
+        for repeat in range(repeats):
+            for mode in modes[repeat % len(modes):] + modes[: repeat % len(modes)]:
+                rows.append({**_run_child(mode, tokens, args.max_length, args.batch_size), "repeat": repeat})
     if args.full_corpus:
         rows.append(_run_child("full-corpus", 0, 1024, args.batch_size))
     RESULTS.mkdir(exist_ok=True)
-    command = "python experiments/bench_scale.py --tokens " + " ".join(map(str, args.tokens))
+    command = (f"python experiments/bench_scale.py --tokens {' '.join(map(str, args.tokens))} "
+               f"--repeats {args.repeats}")
     meta = {"command": command + (" --full-corpus" if args.full_corpus else ""),
             "versions": sl.versions(), "cpu_count": os.cpu_count(),
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

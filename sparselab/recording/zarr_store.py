@@ -277,16 +277,8 @@ class ZarrWriter:
 
     def _write_rows(self, start: int, end: int, fields: dict[str, np.ndarray],
                     buffers: dict[tuple[str, int], torch.Tensor], pieces: Sequence[str] | None) -> None:
-        for name, arr in self.arrays.items():
-            arr.resize((arr.shape[0], end, arr.shape[2]))
-            block = np.stack([buffers[(name, layer)].numpy() for layer in self.layers])
-            arr[:, start:end, :] = block.astype(arr.dtype, copy=False)
-        for name, arr in self.tokens.items():
-            arr.resize((end,))
-            arr[start:end] = np.asarray(fields[name], dtype=np.int64)
-        if self.pieces is not None:
-            self.pieces.resize((end,))
-            self.pieces[start:end] = np.asarray(list(pieces), dtype=str)
+        # mask bits first: they are computed from buffers that the writes below release
+        bits = None
         if self.mask_bits is not None:
             from sparselab._fast.masks import pack
 
@@ -295,6 +287,19 @@ class ZarrWriter:
                 pack(self._rule.mask(buffers[(source, layer)].float(), layer).numpy())
                 for layer in self.layers
             ])
+        for name, arr in self.arrays.items():
+            arr.resize((arr.shape[0], end, arr.shape[2]))
+            # layer by layer, each buffer released once written: no stacked copy of the
+            # batch (less memory and CPU than one [layers, rows, features] write)
+            for j, layer in enumerate(self.layers):
+                arr[j, start:end, :] = buffers.pop((name, layer)).numpy().astype(arr.dtype, copy=False)
+        for name, arr in self.tokens.items():
+            arr.resize((end,))
+            arr[start:end] = np.asarray(fields[name], dtype=np.int64)
+        if self.pieces is not None:
+            self.pieces.resize((end,))
+            self.pieces[start:end] = np.asarray(list(pieces), dtype=str)
+        if bits is not None:
             self.mask_bits.resize((bits.shape[0], end, bits.shape[2]))
             self.mask_bits[:, start:end, :] = bits
         buffers.clear()
