@@ -43,6 +43,14 @@ def _status_kb(key: str) -> int:
     return 0
 
 
+def _cache_capacity_bytes(handle) -> int:
+    """Bytes of the weight caches' slot buffers (capacity, not just the rows held)."""
+    if handle is None or not handle.caches:
+        return 0
+    return int(sum(getattr(c, "cache", c).capacity * getattr(c, "cache", c)._slot_bytes
+                   for c in handle.caches.values()))
+
+
 def worker(spec: dict) -> dict:
     """One run, in this (fresh) process; ``spec['cgroup']`` is the cgroup it is in."""
     import numpy as np
@@ -94,7 +102,7 @@ def worker(spec: dict) -> dict:
     (cg / "memory.max_usage_in_bytes").write_text("0")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
 
-    step_ms, step_read = [], []
+    step_ms, step_read, step_anon, step_charged, step_cap = [], [], [], [], []
     with torch.no_grad(), StorageCounter() as pre_io:
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
@@ -110,6 +118,14 @@ def worker(spec: dict) -> dict:
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             dt = time.perf_counter() - t0
         tokens.append(int(tok))
+        # where the memory goes, per step (for a run the cap kills: the trace up to the kill
+        # is in stderr)
+        step_anon.append(_status_kb("RssAnon"))
+        step_charged.append(int((cg / "memory.usage_in_bytes").read_text()))
+        step_cap.append(_cache_capacity_bytes(handle))
+        if spec.get("trace"):
+            print(f"TRACE step={step} anon={step_anon[-1]} charged={step_charged[-1]} "
+                  f"cache_capacity={step_cap[-1]}", file=sys.stderr, flush=True)
         if step >= spec["warmup"]:
             step_ms.append(dt * 1e3)
             step_read.append(io.read_bytes)
@@ -122,7 +138,8 @@ def worker(spec: dict) -> dict:
            "weight_resident_end": wf.resident_bytes() if wf is not None else None,
            "mlp_file_bytes": wf.nbytes if wf is not None else None,
            "cgroup_peak": int((cg / "memory.max_usage_in_bytes").read_text()),
-           "failcnt": int((cg / "memory.failcnt").read_text()), "tokens": tokens}
+           "failcnt": int((cg / "memory.failcnt").read_text()), "tokens": tokens,
+           "step_anon": step_anon, "step_charged": step_charged, "step_cache_capacity_bytes": step_cap}
     if handle is not None:
         st = handle.stats()
         dec = st[(st.phase == "decode") & (st.step >= spec["warmup"])]
