@@ -363,6 +363,35 @@ def test_mincore_and_io_counters_see_what_a_kernel_reads(weight_path):
     assert wf.resident_bytes() == 0
 
 
+def test_memory_footprint_counts_weight_pages_once(weight_path):
+    """memory_footprint: the weight file's pages a kernel maps are in the RSS and in the
+    resident count, and ``total`` counts them once; unmapped (madvise) they leave the RSS
+    and stay resident in the page cache, and ``total`` does not change; an anonymous
+    allocation shows in ``anon``."""
+    import mmap
+
+    from sparselab.evaluation.storage import memory_footprint
+
+    wf = MLPWeightFile(weight_path)
+    wf.drop_pages()
+    if wf.resident_bytes():
+        pytest.skip("the file's pages cannot be dropped here (tmpfs?)")
+    _fast.BundleMLP(wf.layer(1), torch.float32, "silu")(torch.randn(1, H), np.arange(N))
+    f = memory_footprint(wf)
+    lo = wf.data_offset + wf.layer_bytes  # layer 1's bytes in the file: the pages they span
+    pages = ((lo + wf.layer_bytes - 1) // mmap.PAGESIZE - lo // mmap.PAGESIZE + 1) * mmap.PAGESIZE
+    assert f["weight_mapped"] == f["weight_resident"] == pages
+    assert f["total"] == f["rss"] - f["weight_mapped"] + f["weight_resident"]
+    wf._mm.madvise(mmap.MADV_DONTNEED)  # unmapped: the pages stay in the page cache
+    g = memory_footprint(wf)
+    assert g["weight_mapped"] == 0 and g["weight_resident"] == pages
+    assert abs(g["total"] - f["total"]) < 4 * 2**20 and g["rss"] <= f["rss"] - pages + 2**20
+    block = np.ones(32 * 2**20 // 8)
+    assert memory_footprint()["anon"] >= g["anon"] + 31 * 2**20 and memory_footprint()["weight_resident"] == 0
+    del block
+    wf.drop_pages()
+
+
 def test_memory_cap_kills_a_child_over_it_and_lets_one_under_it_run():
     import subprocess
     import sys
@@ -386,3 +415,29 @@ def test_memory_cap_kills_a_child_over_it_and_lets_one_under_it_run():
     assert not cap.path.exists()
     with pytest.raises(ValueError, match="limit_bytes"):
         MemoryCap(10)
+
+
+def test_make_resident_copies_file_mapped_weights_out_of_the_mapping(tmp_path):
+    """Weights loaded from safetensors live in the file's mapping (evictable page cache);
+    make_resident copies exactly those into anonymous memory, values and ties unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from sparselab.runtime.weight_file import _file_mappings, make_resident
+
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+
+    def in_mapping():
+        maps = _file_mappings()
+        return [p for p in model.parameters()
+                if any(a <= p.data_ptr() < b for a, b in maps)]
+
+    mapped = in_mapping()
+    if not mapped:
+        pytest.skip("transformers did not memory-map the safetensors file here")
+    before = logits(model)
+    assert make_resident(model) == sum(p.numel() * p.element_size() for p in mapped)
+    assert in_mapping() == []
+    assert torch.equal(logits(model), before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert make_resident(model) == 0
