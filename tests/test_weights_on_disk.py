@@ -306,7 +306,7 @@ def test_capacity_bounded_model_from_disk_computes_the_same_sets(weight_path, wi
         assert all(c.limit == 40 and c.cache.capacity == 40 and c.cache.totals["grows"] == 0
                    for c in caches.values())
         assert sum(c.overflow_rows for c in caches.values()) > 0  # density 0.3 > 0.2
-        assert handle.config["cache_capacity"] == 0.2
+        assert handle.config["cache_capacity"] == 0.2 and handle.config["cache_window"] == window
     assert len(disk_calls) == len(ram_calls) == 4
     for (xr, yr), (xd, yd) in zip(ram_calls, disk_calls, strict=True):
         torch.testing.assert_close(xd, xr, rtol=1e-4, atol=1e-5)
@@ -326,6 +326,11 @@ def test_dense_from_disk_and_bad_options(weight_path):
             sparsify(model, weight_file=weight_path, **kwargs)
     with pytest.raises(ValueError, match="cache_window"):
         sparsify(model, threshold_predictors(), cache_window=0)
+    # the default window: 1 in RAM (unchanged), 4 for a cache filled from the file
+    with sparsify(model, threshold_predictors()) as h:
+        assert h.config["cache_window"] == 1 and not hasattr(h.caches[0], "window")
+    with sparsify(model, threshold_predictors(), weight_file=weight_path) as h:
+        assert h.config["cache_window"] == 4 and h.caches[0].window == 4
     for kwargs in ({"cache_capacity": 0.5}, {"cache_capacity": 0.5, "use_cache": False, "weight_file": weight_path},
                    {"cache_capacity": 1.5, "weight_file": weight_path}, {"cache_capacity": True, "weight_file": weight_path}):
         with pytest.raises(ValueError, match="cache_capacity"):
