@@ -43,6 +43,21 @@ def _status_kb(key: str) -> int:
     return 0
 
 
+def _cache_capacity_bytes(handle) -> int:
+    """Bytes of the weight caches' slot buffers (capacity, not just the rows held)."""
+    if handle is None or not handle.caches:
+        return 0
+    return int(sum(getattr(c, "cache", c).capacity * getattr(c, "cache", c)._slot_bytes
+                   for c in handle.caches.values()))
+
+
+def _overflow_rows(handle) -> int:
+    """Rows a capacity-bounded cache computed from the file so far (beyond its capacity)."""
+    if handle is None:
+        return 0
+    return int(sum(getattr(c, "overflow_rows", 0) for c in handle.caches.values()))
+
+
 def worker(spec: dict) -> dict:
     """One run, in this (fresh) process; ``spec['cgroup']`` is the cgroup it is in."""
     import numpy as np
@@ -50,9 +65,9 @@ def worker(spec: dict) -> dict:
 
     import sparselab as sl
     from sparselab.evaluation.memory import release_memory
-    from sparselab.evaluation.storage import StorageCounter
+    from sparselab.evaluation.storage import StorageCounter, memory_footprint
     from sparselab.evaluation.suite import load_config, make_prompt, trained_predictors
-    from sparselab.runtime.weight_file import MLPWeightFile
+    from sparselab.runtime.weight_file import MLPWeightFile, make_resident
 
     torch.set_num_threads(spec["threads"])
     config = load_config(CONFIG)
@@ -65,6 +80,10 @@ def worker(spec: dict) -> dict:
         predictors, _ = trained_predictors(model, tokenizer, config["predictors"], progress=False,
                                            log=lambda s: None)
         predictors = predictors.with_policy(target_density=density)
+    # the prompt is tokenized: the tokenizer is no part of the model that decodes, in any
+    # variant (loading SmolLM2's costs ~117 MB of anonymous memory; deleting it gives back
+    # ~28 MB, the allocator keeps the rest)
+    del tokenizer
     wf = MLPWeightFile(spec["weight_file"], advice=spec["advice"]) if not variant.endswith("_ram") else None
     n_layers = len(model.model.layers)
     n = model.config.intermediate_size
@@ -73,12 +92,17 @@ def worker(spec: dict) -> dict:
                              weight_file=wf)
     elif variant in ("direct", "cache"):
         handle = sl.sparsify(model, predictors, mode="predicted", use_cache=variant == "cache",
-                             cache_window=spec["window"], weight_file=wf)
+                             cache_window=spec["window"], weight_file=wf,
+                             cache_capacity=spec.get("capacity") if variant == "cache" else None)
     elif variant in ("direct_ram", "cache_ram"):
         handle = sl.sparsify(model, predictors, mode="predicted", use_cache=variant == "cache_ram",
                              cache_window=spec["window"])
     else:  # dense_ram: the model as loaded
         handle = None
+    # the rest of the model (everything still in the safetensors mapping: attention,
+    # embeddings, norms; every weight for the *_ram variants) copied to anonymous memory:
+    # resident and charged here, never evicted by the cap and re-read as if on disk
+    make_resident(model)
     release_memory()
     if wf is not None:
         wf.drop_pages()
@@ -94,7 +118,9 @@ def worker(spec: dict) -> dict:
     (cg / "memory.max_usage_in_bytes").write_text("0")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
 
-    step_ms, step_read = [], []
+    over0 = 0
+    step_ms, step_read, step_anon, step_charged, step_cap, step_foot = [], [], [], [], [], []
+    foot0 = memory_footprint(wf)
     with torch.no_grad(), StorageCounter() as pre_io:
         t0 = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True)
@@ -110,6 +136,17 @@ def worker(spec: dict) -> dict:
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
             dt = time.perf_counter() - t0
         tokens.append(int(tok))
+        # where the memory goes, per step (for a run the cap kills: the trace up to the kill
+        # is in stderr)
+        step_anon.append(_status_kb("RssAnon"))
+        step_charged.append(int((cg / "memory.usage_in_bytes").read_text()))
+        step_cap.append(_cache_capacity_bytes(handle))
+        if step == spec["warmup"] - 1:
+            over0 = _overflow_rows(handle)
+        step_foot.append(memory_footprint(wf)["total"])
+        if spec.get("trace"):
+            print(f"TRACE step={step} anon={step_anon[-1]} charged={step_charged[-1]} "
+                  f"cache_capacity={step_cap[-1]}", file=sys.stderr, flush=True)
         if step >= spec["warmup"]:
             step_ms.append(dt * 1e3)
             step_read.append(io.read_bytes)
@@ -122,7 +159,13 @@ def worker(spec: dict) -> dict:
            "weight_resident_end": wf.resident_bytes() if wf is not None else None,
            "mlp_file_bytes": wf.nbytes if wf is not None else None,
            "cgroup_peak": int((cg / "memory.max_usage_in_bytes").read_text()),
-           "failcnt": int((cg / "memory.failcnt").read_text()), "tokens": tokens}
+           "failcnt": int((cg / "memory.failcnt").read_text()), "tokens": tokens,
+           "step_anon": step_anon, "step_charged": step_charged, "step_cache_capacity_bytes": step_cap,
+           "step_footprint": step_foot, "footprint_start": foot0["total"],
+           # RSS + the weight file's resident pages, each page once (memory_footprint), the
+           # highest after any step; rss_peak is the kernel's high-water mark (VmHWM)
+           "footprint_peak": max(step_foot + [foot0["total"]]),
+           "overflow_per_token": (_overflow_rows(handle) - over0) / spec["tokens"] if handle is not None else None}
     if handle is not None:
         st = handle.stats()
         dec = st[(st.phase == "decode") & (st.step >= spec["warmup"])]
@@ -134,6 +177,7 @@ def worker(spec: dict) -> dict:
         res["cache_bytes"] = int(handle.extra_bytes) if caches else None
         inner = [getattr(c, "cache", c) for c in caches.values()]
         res["cache_headroom"] = float(inner[0]._headroom) if inner else None
+        res["cache_grows"] = int(sum(c.totals["grows"] for c in inner)) if inner else None
     return res
 
 
@@ -142,11 +186,15 @@ def worker(spec: dict) -> dict:
 def runs_for(args) -> list[dict]:
     """The runs, most telling first (a sweep cut short keeps the headline): the first cap
     (dense, direct, cache per density), the in-RAM references, the window sweep, other caps."""
+    def rows(cap):  # a capped cache holds at most cache_fill of the cap's MLP share
+        return None if cap is None else round(cap * args.cache_fill, 4)
+
     def capped(cap):
         out = [{"variant": "dense", "density": 1.0, "cap": cap, "window": 1, "advice": "normal"}]
         for d in args.densities:
             out.append({"variant": "direct", "density": d, "cap": cap, "window": 1, "advice": "random"})
-            out.append({"variant": "cache", "density": d, "cap": cap, "window": 1, "advice": "random"})
+            out.append({"variant": "cache", "density": d, "cap": cap, "window": 1, "advice": "random",
+                        "capacity": rows(cap)})
         return out
 
     runs = capped(args.caps[0])
@@ -154,8 +202,8 @@ def runs_for(args) -> list[dict]:
     runs += [{"variant": v, "density": dd, "cap": None, "window": 1, "advice": "-"}
              for v, dd in (("dense_ram", 1.0), ("direct_ram", d), ("cache_ram", d))]
     for d, wcap in zip(args.densities, args.window_caps, strict=True):
-        runs += [{"variant": "cache", "density": d, "cap": wcap, "window": k, "advice": "random"}
-                 for k in args.windows if k != 1]
+        runs += [{"variant": "cache", "density": d, "cap": wcap, "window": k, "advice": "random",
+                  "capacity": rows(wcap)} for k in args.windows if k != 1]
     for cap in args.caps[1:]:
         runs += capped(cap)
     return runs
@@ -183,10 +231,11 @@ def write(rows: list[dict], args, found) -> None:
     meta = {"config": vars(args) | {"cgroup": found[0]}, "versions": sl.versions(),
             "machine": {"cpus": os.cpu_count()}, "rows": rows}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
-    cols = ["variant", "density", "cap", "window", "tok_s", "read_mb_per_token", "rows_loaded_per_token",
-            "rows_held", "rss_peak", "cgroup_peak", "weight_resident_end", "killed"]
+    cols = ["variant", "density", "cap", "capacity", "window", "tok_s", "read_mb_per_token",
+            "rows_loaded_per_token", "overflow_per_token", "rows_held", "rss_peak", "footprint_peak",
+            "cgroup_peak", "weight_resident_end", "killed"]
     table = df.reindex(columns=cols).copy()
-    for c in ("rss_peak", "cgroup_peak", "weight_resident_end"):
+    for c in ("rss_peak", "footprint_peak", "cgroup_peak", "weight_resident_end"):
         table[c] = (table[c] / 2**20).round(1)
     out.with_suffix(".md").write_text(
         f"# bench_disk ({found[0]} cgroup, {args.threads} thread(s), {args.tokens} timed decode tokens "
@@ -204,6 +253,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--window-caps", type=lambda s: None if s == "none" else float(s), nargs="+",
                     default=[0.5, None], help="the cap of the window sweep, one per density")
+    ap.add_argument("--cache-fill", type=float, default=0.75,
+                    help="under a cap, each layer's cache holds at most cache_fill x cap of its neurons "
+                         "(buffers allocated once); the rest of the cap is the decode's working memory and "
+                         "page cache")
     ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--warmup", type=int, default=8, help="decode steps before timing (at least k)")
     ap.add_argument("--threads", type=int, default=1)
@@ -252,7 +305,7 @@ def main() -> None:
                                   capture_output=True, text=True, preexec_fn=cap.preexec)
             wall = time.perf_counter() - t0
             failcnt = cap.failcnt
-        row = {k: run[k] for k in ("variant", "density", "cap", "window", "advice")}
+        row = {k: run.get(k) for k in ("variant", "density", "cap", "window", "advice", "capacity")}
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode == 0 and line:
             row.update(json.loads(line[-1][7:]), killed=False)

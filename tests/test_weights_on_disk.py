@@ -189,6 +189,77 @@ def test_windowed_cache_loads_what_window_reuse_counts():
     assert np.isclose(df.footprint.iloc[0] * n, np.mean(held[k:]))
 
 
+def _bounded_reference(masks: list[set], k: int, limit: int):
+    """The capacity-bounded window in plain Python sets: (held, overflow) per step."""
+    held_prev: set = set()
+    out = []
+    for t, cur in enumerate(masks):
+        if len(cur) > limit:
+            ordered = [j for j in sorted(cur) if j in held_prev] + [j for j in sorted(cur) if j not in held_prev]
+            held = set(ordered[:limit])
+        else:
+            held = set(cur)
+            for prev in reversed(masks[max(0, t - k + 1):t]):
+                room = limit - len(held)
+                extra = sorted(prev - held)
+                extra = ([j for j in extra if j in held_prev] + [j for j in extra if j not in held_prev])[:room]
+                held |= set(extra)
+        out.append((held, cur - held))
+        held_prev = held
+    return out
+
+
+@pytest.mark.parametrize("k,limit", [(1, 40), (3, 60), (4, 200)])
+def test_bounded_window_cache_against_a_reference(k, limit):
+    """capacity= never holds more rows than the limit, holds what the set-based reference
+    holds, never reallocates its pre-sized buffers, and computes exactly each step's set
+    (the part beyond the limit through the overflow kernel)."""
+    rng = np.random.default_rng(k)
+    g = torch.Generator().manual_seed(k)
+    gate, up, down_t = (torch.randn(N, H, generator=g) for _ in range(3))
+    cache = _fast.WeightCache(gate, up, down_t=down_t, capacity=limit)
+    ptr = cache._gu.data_ptr()
+    wc = WindowedCache(cache, window=k, capacity=limit, overflow=_fast.IndexedMLP(gate, up, down_t, "silu"))
+    masks = [rng.random(N) < d for d in rng.uniform(0.1, 0.35, 30)]
+    ref = _bounded_reference([set(np.flatnonzero(m).tolist()) for m in masks], k, limit)
+    x = torch.randn(2, H, generator=g)
+    overflow = 0
+    for m, (held, over) in zip(masks, ref, strict=True):
+        s = wc.update(m)
+        assert set(cache.order.tolist()) == held and wc.n_active <= limit
+        assert s.overflow == len(over)
+        overflow += len(over)
+        torch.testing.assert_close(wc(x, "silu"),
+                                   _fast.sparse_mlp(x, gate, up, down_t, np.flatnonzero(m), "silu"),
+                                   rtol=1e-4, atol=1e-4)  # another summation order
+    assert cache.capacity == limit and cache.totals["grows"] == 0 and cache._gu.data_ptr() == ptr
+    assert wc.overflow_rows == overflow and (overflow == 0) == (limit == N)
+    bad = _fast.pack(np.ones(N, dtype=bool))
+    bad[-1] |= np.uint64(1) << np.uint64(63)  # a bit past N = 200
+    with pytest.raises(ValueError, match="beyond n_neurons"):
+        wc.update(bad)
+    with pytest.raises(ValueError, match="overflow"):
+        WindowedCache(cache, window=2, capacity=10)
+    with pytest.raises(ValueError, match="exceeds"):
+        WindowedCache(cache, window=2, capacity=N + 1, overflow=wc.overflow)
+
+
+def test_presized_cache_never_reallocates(weight_path):
+    """A cache allocated at its capacity keeps its buffers for every mask that fits (no
+    growth, the same memory), and grows only past it."""
+    bundle = MLPWeightFile(weight_path).layer(0)
+    cache = _fast.WeightCache.from_bundle(bundle, torch.float32, capacity=80)
+    ptrs = (cache._gu.data_ptr(), cache._dt.data_ptr())
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        mask = np.zeros(N, dtype=bool)
+        mask[rng.choice(N, rng.integers(0, 81), replace=False)] = True
+        assert not cache.update(mask).grew
+        assert (cache.capacity, cache._gu.data_ptr(), cache._dt.data_ptr()) == (80, *ptrs)
+    assert cache.totals["grows"] == 0 and cache.extra_bytes == 80 * 3 * H * 4
+    assert cache.update(np.ones(N, dtype=bool)).grew and cache.capacity == N
+
+
 # ----------------------------------------------------------------------------- model
 
 @pytest.mark.parametrize("use_cache,window", [(True, 1), (False, 1), (True, 3)])
@@ -217,6 +288,31 @@ def test_model_from_disk_equals_the_in_ram_sparse_model(weight_path, use_cache, 
     assert torch.equal(logits(model), dense)  # restored from the file, bit for bit
 
 
+@pytest.mark.parametrize("window", [1, 3])
+def test_capacity_bounded_model_from_disk_computes_the_same_sets(weight_path, window):
+    """cache_capacity below the density: each layer's cache holds at most ceil(share * N)
+    rows in buffers allocated once, the rest of a step's set is read from the file, and
+    the MLP outputs are the in-RAM sparse model's (fp32 rounding only)."""
+    pred = threshold_predictors()
+    kwargs = dict(mode="predicted", prefill="union")
+    ram_model = tiny_llama()
+    with sparsify(ram_model, pred, use_cache=False, **kwargs):
+        ram_calls = mlp_outputs(ram_model, 2, lambda: generate(ram_model))
+    model = tiny_llama()
+    with sparsify(model, pred, weight_file=weight_path, cache_window=window, cache_capacity=0.2,
+                  **kwargs) as handle:
+        disk_calls = mlp_outputs(model, 2, lambda: generate(model))
+        caches = handle.caches
+        assert all(c.limit == 40 and c.cache.capacity == 40 and c.cache.totals["grows"] == 0
+                   for c in caches.values())
+        assert sum(c.overflow_rows for c in caches.values()) > 0  # density 0.3 > 0.2
+        assert handle.config["cache_capacity"] == 0.2 and handle.config["cache_window"] == window
+    assert len(disk_calls) == len(ram_calls) == 4
+    for (xr, yr), (xd, yd) in zip(ram_calls, disk_calls, strict=True):
+        torch.testing.assert_close(xd, xr, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(yd, yr, rtol=1e-4, atol=1e-5)
+
+
 def test_dense_from_disk_and_bad_options(weight_path):
     model = tiny_llama()
     dense = logits(model)
@@ -230,6 +326,15 @@ def test_dense_from_disk_and_bad_options(weight_path):
             sparsify(model, weight_file=weight_path, **kwargs)
     with pytest.raises(ValueError, match="cache_window"):
         sparsify(model, threshold_predictors(), cache_window=0)
+    # the default window: 1 in RAM (unchanged), 4 for a cache filled from the file
+    with sparsify(model, threshold_predictors()) as h:
+        assert h.config["cache_window"] == 1 and not hasattr(h.caches[0], "window")
+    with sparsify(model, threshold_predictors(), weight_file=weight_path) as h:
+        assert h.config["cache_window"] == 4 and h.caches[0].window == 4
+    for kwargs in ({"cache_capacity": 0.5}, {"cache_capacity": 0.5, "use_cache": False, "weight_file": weight_path},
+                   {"cache_capacity": 1.5, "weight_file": weight_path}, {"cache_capacity": True, "weight_file": weight_path}):
+        with pytest.raises(ValueError, match="cache_capacity"):
+            sparsify(model, threshold_predictors(), **kwargs)
     assert torch.equal(logits(model), dense)
 
 
@@ -263,6 +368,35 @@ def test_mincore_and_io_counters_see_what_a_kernel_reads(weight_path):
     assert wf.resident_bytes() == 0
 
 
+def test_memory_footprint_counts_weight_pages_once(weight_path):
+    """memory_footprint: the weight file's pages a kernel maps are in the RSS and in the
+    resident count, and ``total`` counts them once; unmapped (madvise) they leave the RSS
+    and stay resident in the page cache, and ``total`` does not change; an anonymous
+    allocation shows in ``anon``."""
+    import mmap
+
+    from sparselab.evaluation.storage import memory_footprint
+
+    wf = MLPWeightFile(weight_path)
+    wf.drop_pages()
+    if wf.resident_bytes():
+        pytest.skip("the file's pages cannot be dropped here (tmpfs?)")
+    _fast.BundleMLP(wf.layer(1), torch.float32, "silu")(torch.randn(1, H), np.arange(N))
+    f = memory_footprint(wf)
+    lo = wf.data_offset + wf.layer_bytes  # layer 1's bytes in the file: the pages they span
+    pages = ((lo + wf.layer_bytes - 1) // mmap.PAGESIZE - lo // mmap.PAGESIZE + 1) * mmap.PAGESIZE
+    assert f["weight_mapped"] == f["weight_resident"] == pages
+    assert f["total"] == f["rss"] - f["weight_mapped"] + f["weight_resident"]
+    wf._mm.madvise(mmap.MADV_DONTNEED)  # unmapped: the pages stay in the page cache
+    g = memory_footprint(wf)
+    assert g["weight_mapped"] == 0 and g["weight_resident"] == pages
+    assert abs(g["total"] - f["total"]) < 4 * 2**20 and g["rss"] <= f["rss"] - pages + 2**20
+    block = np.ones(32 * 2**20 // 8)
+    assert memory_footprint()["anon"] >= g["anon"] + 31 * 2**20 and memory_footprint()["weight_resident"] == 0
+    del block
+    wf.drop_pages()
+
+
 def test_memory_cap_kills_a_child_over_it_and_lets_one_under_it_run():
     import subprocess
     import sys
@@ -286,3 +420,29 @@ def test_memory_cap_kills_a_child_over_it_and_lets_one_under_it_run():
     assert not cap.path.exists()
     with pytest.raises(ValueError, match="limit_bytes"):
         MemoryCap(10)
+
+
+def test_make_resident_copies_file_mapped_weights_out_of_the_mapping(tmp_path):
+    """Weights loaded from safetensors live in the file's mapping (evictable page cache);
+    make_resident copies exactly those into anonymous memory, values and ties unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from sparselab.runtime.weight_file import _file_mappings, make_resident
+
+    tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+
+    def in_mapping():
+        maps = _file_mappings()
+        return [p for p in model.parameters()
+                if any(a <= p.data_ptr() < b for a, b in maps)]
+
+    mapped = in_mapping()
+    if not mapped:
+        pytest.skip("transformers did not memory-map the safetensors file here")
+    before = logits(model)
+    assert make_resident(model) == sum(p.numel() * p.element_size() for p in mapped)
+    assert in_mapping() == []
+    assert torch.equal(logits(model), before)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert make_resident(model) == 0

@@ -43,7 +43,9 @@ class UpdateStats:
     ``rows_copied`` counts neurons whose rows (gate + up + down, i.e. three weight rows)
     were written into a slot: every entering neuron plus every tail slot moved into a hole.
     ``bytes_moved`` is the bytes those copies wrote plus, when the buffers had to grow,
-    the bytes of the active prefix carried over (``grew`` is then True).
+    the bytes of the active prefix carried over (``grew`` is then True). ``overflow``: neurons
+    of the step computed outside the cache (a capacity-bounded
+    :class:`~sparselab.runtime.window.WindowedCache`; 0 for a plain cache).
     """
 
     added: int
@@ -53,6 +55,7 @@ class UpdateStats:
     n_active: int
     moved: int = 0
     grew: bool = False
+    overflow: int = 0
 
 
 class WeightCache:

@@ -13,6 +13,7 @@ options, step counter, the stats records).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class RunState:
     window: int = 1  # the weight cache holds the neurons of the last `window` steps
     weight_file: Any = None  # an MLPWeightFile: MLP weights read from it, not from the model
     prefetch: bool = True  # start the reads of the rows a step needs before the kernel faults
+    cache_capacity: float | None = None  # file-backed cache: rows held at most, share of a layer
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -125,7 +127,16 @@ class SparseMLP(nn.Module):
             prefetch = wf.prefetcher(spec.index) if state.prefetch else None
             self._indexed = _fast.BundleMLP(self.bundle, wf.dtype, state.activation, prefetch=prefetch)
             if state.mode == "predicted" and state.use_cache:
-                self.cache = _fast.WeightCache.from_bundle(self.bundle, wf.dtype, prefetch=prefetch)
+                limit = (None if state.cache_capacity is None
+                         else max(1, min(self.n_neurons, math.ceil(state.cache_capacity * self.n_neurons))))
+                # pre-sized: a bounded cache allocates its buffers once and never grows
+                self.cache = _fast.WeightCache.from_bundle(self.bundle, wf.dtype, capacity=limit,
+                                                           prefetch=prefetch)
+                if limit is not None:
+                    from sparselab.runtime.window import WindowedCache
+
+                    self.cache = WindowedCache(self.cache, state.window, capacity=limit,
+                                               overflow=self._indexed)
         elif down_t is not None and state.kernel == "fast":
             from sparselab import _fast
 
@@ -136,7 +147,7 @@ class SparseMLP(nn.Module):
                 self.cache = _fast.WeightCache(gate_w, up_w, down_t=kdown_t)
             else:
                 self._indexed = _fast.IndexedMLP(gate_w, up_w, kdown_t, state.activation)
-        if self.cache is not None and state.window > 1:
+        if self.cache is not None and state.window > 1 and not hasattr(self.cache, "window"):
             from sparselab.runtime.window import WindowedCache
 
             self.cache = WindowedCache(self.cache, state.window)

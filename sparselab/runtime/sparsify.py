@@ -50,7 +50,7 @@ from sparselab.runtime.layout import transpose_in_place, untranspose_in_place
 from sparselab.runtime.sparse_mlp import RunState, SparseMLP, is_sparsified, model_pre_hook
 from sparselab.runtime.weight_file import drop_layer_weights
 
-__all__ = ["KERNELS", "PREFILLS", "SPARSIFY_MODES", "AlreadySparsifiedError", "is_sparsified", "sparsify"]
+__all__ = ["DISK_CACHE_WINDOW", "KERNELS", "PREFILLS", "SPARSIFY_MODES", "AlreadySparsifiedError", "is_sparsified", "sparsify"]
 
 SPARSIFY_MODES = ("predicted", "oracle", "static", "method")
 KERNELS = ("fast", "torch")
@@ -112,6 +112,9 @@ def _check_static(static: Mapping, adapter: ModelAdapter, layers: tuple[int, ...
     return out
 
 
+DISK_CACHE_WINDOW = 4  # the default window of a cache filled from a weight file (bench_disk)
+
+
 def sparsify(
     model: nn.Module,
     predictors=None,
@@ -127,9 +130,10 @@ def sparsify(
     record_stats: bool = True,
     method=None,
     weight_file=None,
-    cache_window: int = 1,
+    cache_window: int | None = None,
     prefetch: bool = True,
     weights: str = "model",
+    cache_capacity: float | None = None,
 ) -> SparseHandle:
     """Swap the gated MLPs of ``model`` for sparse ones, in place; returns a handle.
 
@@ -161,7 +165,16 @@ def sparsify(
       ``prefetch`` (default True): before a kernel reads a step's rows from the file, their
       reads are started together (``madvise(MADV_WILLNEED)``) instead of one fault at a time.
     - ``cache_window``: the weight cache holds the neurons of the last ``k`` decode steps
-      (LLM in a Flash's window; each step still computes only its own set).
+      (LLM in a Flash's window; each step still computes only its own set). Default None:
+      1 with the weights in RAM, :data:`DISK_CACHE_WINDOW` (4) with ``weight_file`` (in
+      experiments/results/bench_disk_smollm2.md, k = 4 loaded 27 % fewer rows per token
+      than k = 1 under the 50 % cap, as few as k = 8 or 16, and was the fastest uncapped).
+    - ``cache_capacity`` (with ``weight_file`` and the cache): the most rows each layer's
+      cache holds, as a share of its neurons (float in (0, 1]); its buffers are allocated
+      once at that size and never grow, so the cache's memory is known before the first
+      token (what a memory cap needs). A step's own neurons come first, then the window's
+      newest first while they fit; neurons of a step beyond it are read from the file in
+      place by the direct kernel. Default None: the cache grows to what it must hold.
     - ``weights``: ``"model"`` (the model's own), ``"int8"`` or ``"int8_rows"``: the
       sparsified layers' MLP weights are quantized to int8 (``_fast.quant.quantize_int8``;
       scales per block of 32 weights, or per row: gate and up by neuron, down by column;
@@ -189,8 +202,19 @@ def sparsify(
     check_choice("weights", weights, WEIGHT_FORMATS)
     if density is not None:
         density = check_fraction("density", density)
+    if cache_window is None:
+        cache_window = 1 if weight_file is None else DISK_CACHE_WINDOW
     if isinstance(cache_window, bool) or not isinstance(cache_window, (int, np.integer)) or cache_window < 1:
         raise ValueError(f"cache_window must be an int >= 1, got {cache_window!r}")
+    if cache_capacity is not None:
+        if isinstance(cache_capacity, bool) or not isinstance(cache_capacity, (float, int, np.floating)) \
+                or not 0.0 < float(cache_capacity) <= 1.0:
+            raise ValueError(f"cache_capacity must be a share of each layer's neurons in (0, 1], "
+                             f"got {cache_capacity!r}")
+        if weight_file is None or not use_cache or mode != "predicted":
+            raise ValueError("cache_capacity bounds the weight cache of a model run from a "
+                             "weight_file= (mode='predicted', use_cache=True)")
+        cache_capacity = float(cache_capacity)
     if weight_file is not None:
         from sparselab.runtime.weight_file import MLPWeightFile
 
@@ -300,7 +324,8 @@ def sparsify(
     runtime = RunState(mode=mode, activation=adapter.activation, predictors=predictors,
                        rule=rule, prefill=prefill, use_cache=use_cache, union=union,
                        kernel=kernel, record_stats=record_stats, method=method,
-                       window=int(cache_window), weight_file=weight_file, prefetch=bool(prefetch))
+                       window=int(cache_window), weight_file=weight_file, prefetch=bool(prefetch),
+                       cache_capacity=cache_capacity)
     config = {
         "mode": mode, "layers": list(chosen), "prefill": prefill, "use_cache": use_cache,
         "union": union, "kernel": kernel, "density": density,
@@ -308,7 +333,7 @@ def sparsify(
         "static_sizes": {i: int(v.numel()) for i, v in static_idx.items()} or None,
         "lookahead": bool(getattr(predictors, "lookahead", False)) if predictors is not None else None,
         "activation": adapter.activation, "dtype": str(dtype).replace("torch.", ""),
-        "cache_window": int(cache_window), "prefetch": bool(prefetch),
+        "cache_window": int(cache_window), "prefetch": bool(prefetch), "cache_capacity": cache_capacity,
         "weight_file": None if weight_file is None else str(weight_file.path),
         "weights": weights,
     }

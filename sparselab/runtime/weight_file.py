@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["FORMAT_VERSION", "MAGIC", "MLPWeightFile", "drop_layer_weights",
+__all__ = ["FORMAT_VERSION", "MAGIC", "MLPWeightFile", "drop_layer_weights", "make_resident",
            "restore_layer_weights", "write_mlp_file"]
 
 MAGIC = b"SLMLPW1\0"
@@ -347,6 +347,31 @@ def _release_file_pages(t: torch.Tensor, mappings: list[tuple[int, int]]) -> int
     if _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4) != 0:  # MADV_DONTNEED
         return 0
     return hi - lo
+
+
+def make_resident(model: nn.Module) -> int:
+    """Copy every parameter of ``model`` that lives in a file mapping (as loaded from
+    safetensors: lazily read, evictable page cache) into anonymous memory, and release its
+    file pages; returns the bytes copied.
+
+        >>> make_resident(model)        # before sparsify(..., weight_file=...) under a cap
+
+    Page cache is what a memory cap reclaims first: under a cap, weights left in the
+    model file's mapping (the attention, embeddings, norms, LM head) would be evicted and
+    read again every token, as if they too were on disk. Copied out, they stay resident
+    and are charged to the process that holds them. Values are unchanged (tied weights
+    stay tied: one Parameter, one copy)."""
+    mappings = _file_mappings()
+    copied = 0
+    for p in model.parameters():
+        t = p.data
+        start = t.data_ptr()
+        nbytes = t.numel() * t.element_size()
+        if nbytes and any(a <= start and start + nbytes <= b for a, b in mappings):
+            p.data = t.clone()
+            _release_file_pages(t, mappings)
+            copied += nbytes
+    return copied
 
 
 def drop_layer_weights(spec) -> int:

@@ -52,21 +52,30 @@ def speedups(runs: pd.DataFrame) -> pd.DataFrame:
 
 def memory_vs_dense(runs: pd.DataFrame) -> pd.DataFrame:
     """Peak memory of each surviving run against the dense model all in RAM: ``rss_peak``
-    (the process's peak resident set: mapped weight pages included) and ``charged_peak``
-    (the cgroup's peak: anonymous memory plus the page cache the run read), as a change
-    against the dense run's RSS peak (negative = less memory): ``rss_change`` and
-    ``charged_change``."""
+    (the process's peak resident set, VmHWM: mapped weight pages included),
+    ``footprint_peak`` (RSS + the weight file's resident pages, each page once, highest
+    after any decode step: :func:`sparselab.evaluation.storage.memory_footprint`) and
+    ``charged_peak`` (the cgroup's peak: anonymous memory plus the page cache the run
+    read), each as a change against the dense run's (negative = less memory):
+    ``rss_change``, ``footprint_change`` (against dense's footprint peak, or its RSS peak
+    in results without footprints) and ``charged_change``."""
     ram = runs[runs.variant == "dense_ram"]
     if ram.empty:
         raise ValueError("no dense_ram run to compare against")
     ref = float(ram.rss_peak.iloc[0])
     ok = runs[~runs.killed.astype(bool)].copy()
+    if "footprint_peak" not in ok:
+        ok["footprint_peak"] = np.nan
+    foot_ref = float(ram.footprint_peak.iloc[0]) if "footprint_peak" in ram else np.nan
     ok["rss_change"] = ok.rss_peak / ref - 1
+    ok["footprint_change"] = ok.footprint_peak / (ref if np.isnan(foot_ref) else foot_ref) - 1
     ok["charged_change"] = ok.cgroup_peak / ref - 1
     ok.loc[ok.variant.str.endswith("_ram"), "charged_change"] = np.nan  # its file pages are charged elsewhere
     ok["dense_rss_peak"] = ref
-    return ok.reindex(columns=["variant", "density", "cap_label", "window", "rss_peak", "cgroup_peak",
-                               "weight_resident_end", "dense_rss_peak", "rss_change",
+    ok["dense_footprint_peak"] = foot_ref
+    return ok.reindex(columns=["variant", "density", "cap_label", "window", "rss_peak", "footprint_peak",
+                               "cgroup_peak", "weight_resident_end", "dense_rss_peak",
+                               "dense_footprint_peak", "rss_change", "footprint_change",
                                "charged_change"]).reset_index(drop=True)
 
 
@@ -77,4 +86,4 @@ def window_sweep(runs: pd.DataFrame) -> pd.DataFrame:
     keys = swept[swept > 1].index
     out = cache.set_index(["density", "cap_label"]).loc[list(keys)].reset_index()
     return out.reindex(columns=["density", "cap_label", "window", "rows_held", "rows_loaded_per_token",
-                                "read_mb_per_token", "tok_s"]).sort_values(["density", "window"]).reset_index(drop=True)
+                                "overflow_per_token", "read_mb_per_token", "tok_s"]).sort_values(["density", "window"]).reset_index(drop=True)
