@@ -505,7 +505,7 @@ def test_synthetic_masks_with_a_predictor_cost_drive_the_model_from_disk(weight_
             assert (decode.active == round(0.3 * N)).all()
         outs[name] = calls
     for other in ("cache1", "cache4"):
-        for (xa, ya), (xb, yb) in zip(outs["direct"], outs[other], strict=True):
+        for (_, ya), (_, yb) in zip(outs["direct"], outs[other], strict=True):
             torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
 
 
