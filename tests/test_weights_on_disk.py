@@ -466,12 +466,13 @@ def test_synthetic_masks_keep_k_per_token_repeat_after_reset_and_reuse_like_meas
     # d = 0.45, against 1 - d = 0.55 for independent masks)
     new = (m[1:] & ~m[:-1]).sum(1).float() / m[1:].sum(1)
     assert 0.33 < float(new.mean()) < 0.45
-    # a window of k tokens loads fewer new neurons the longer it is, far below independent masks
+    # a window of k tokens loads fewer new neurons the longer it is (k = 1: below independent
+    # masks' d (1 - d); longer windows approach them, as SmolLM2's trained predictors do)
     def new_per_token(k):
         return float(np.mean([(m[t] & ~m[t - k:t].any(0)).float().mean() for t in range(16, 60)]))
     rates = [new_per_token(k) for k in (1, 2, 4, 8, 16)]
     assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
-    assert rates[2] < 0.5 * d * (1 - d) ** 4 and rates[4] < 0.01
+    assert rates[0] < 0.85 * d * (1 - d) and 0.03 < rates[2] < 0.07 and rates[4] < 0.01
     q = p.at_density(0.1)
     assert (q.mask(0, torch.zeros(3, 16)).sum(1) == round(0.1 * n)).all()
     p.reset()
@@ -502,7 +503,8 @@ def test_synthetic_masks_with_a_predictor_cost_drive_the_model_from_disk(weight_
                       **kw) as handle:
             calls = mlp_outputs(model, 1, lambda m=model: generate(m, n=6))
             decode = handle.stats().query("phase == 'decode'")
-            assert (decode.active == round(0.3 * N)).all()
+            # two sequences: the union of two masks of 60 neurons each
+            assert ((decode.active >= round(0.3 * N)) & (decode.active <= 2 * round(0.3 * N))).all()
         outs[name] = calls
     for other in ("cache1", "cache4"):
         for (_, ya), (_, yb) in zip(outs["direct"], outs[other], strict=True):
