@@ -2,7 +2,16 @@
 bytes read from storage per token, and memory, each run in its own capped process.
 
     flock -x /tmp/sparselab-bench.lock python experiments/bench_disk.py            # SmolLM2
+    flock -x /tmp/sparselab-bench.lock python experiments/bench_disk.py --shapes 3b  # Llama-3.2-3B shapes
     python experiments/bench_disk.py --quick --out /tmp/bench_disk                   # a smoke run
+
+``--shapes 3b``: a random-weight model of Llama-3.2-3B's shapes (hidden 3072, intermediate
+8192, SiLU, fp32; ``experiments/configs/llama_skip_causal_3b.json`` with ``--layers`` of its
+28 layers, 8 by default: a 2.25 GiB MLP file), masks from
+:class:`sparselab.prediction.SyntheticActivationMasks` (top-k of a synthetic activation
+whose token-to-token reuse was fitted to SmolLM2's trained predictors) with the cost of a
+rank-327 random low-rank predictor (its scores are computed each step, then discarded);
+runs: the 50 % cap (dense, direct, cache with k = 1 and 4) and dense all in RAM.
 
 Per run, a fresh Python process joins a fresh memory cgroup (no limit yet), loads the model
 and its predictors, sparsifies it with ``weight_file=`` (the MLP weights leave RAM; dense is
@@ -32,6 +41,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIG = Path(__file__).resolve().parent / "configs" / "smollm2_135m.json"
+CONFIG_3B = Path(__file__).resolve().parent / "configs" / "llama_skip_causal_3b.json"
 
 
 # ------------------------------------------------------------------------------ worker
@@ -58,6 +68,27 @@ def _overflow_rows(handle) -> int:
     return int(sum(getattr(c, "overflow_rows", 0) for c in handle.caches.values()))
 
 
+def model_3b(config: dict, layers: int):
+    """The random-weight Llama-3.2-3B-shaped model of ``config`` with ``layers`` layers
+    (seeded: the same weights in every process, so the weight file's fingerprints match)."""
+    from sparselab.models.random import build_random_llama
+
+    return build_random_llama(dict(config["model"], num_hidden_layers=int(layers)))
+
+
+def predictors_3b(config: dict, layers: int, density: float):
+    """Synthetic-activation masks at ``density`` carrying the cost of the config's random
+    low-rank predictors (rank 327: their scores computed, then discarded)."""
+    from sparselab.prediction import RandomLowRankPredictors, SyntheticActivationMasks
+
+    shape = config["model"]["llama_config"]
+    hidden, n = int(shape["hidden_size"]), int(shape["intermediate_size"])
+    pspec = config["predictors"]
+    cost = RandomLowRankPredictors(hidden=hidden, n_neurons=n, layers=range(layers), rank=pspec["rank"],
+                                   density=density, seed=int(pspec.get("seed", 0)))
+    return SyntheticActivationMasks(n, hidden, range(layers), density=density, seed=0, cost=cost)
+
+
 def worker(spec: dict) -> dict:
     """One run, in this (fresh) process; ``spec['cgroup']`` is the cgroup it is in."""
     import numpy as np
@@ -70,16 +101,23 @@ def worker(spec: dict) -> dict:
     from sparselab.runtime.weight_file import MLPWeightFile, make_resident
 
     torch.set_num_threads(spec["threads"])
-    config = load_config(CONFIG)
-    model, tokenizer = sl.load_model()
-    model.eval()
-    prompt = make_prompt(config, tokenizer, model.config.vocab_size)
     variant, density = spec["variant"], spec["density"]
     predictors = None
-    if variant in ("direct", "cache", "cache_ram", "direct_ram"):
-        predictors, _ = trained_predictors(model, tokenizer, config["predictors"], progress=False,
-                                           log=lambda s: None)
-        predictors = predictors.with_policy(target_density=density)
+    if spec.get("shapes", "smollm2") == "3b":
+        config = load_config(CONFIG_3B)
+        model, tokenizer = model_3b(config, spec["layers"]), None
+        prompt = make_prompt(config, None, model.config.vocab_size)
+        if variant in ("direct", "cache", "cache_ram", "direct_ram"):
+            predictors = predictors_3b(config, spec["layers"], density)
+    else:
+        config = load_config(CONFIG)
+        model, tokenizer = sl.load_model()
+        model.eval()
+        prompt = make_prompt(config, tokenizer, model.config.vocab_size)
+        if variant in ("direct", "cache", "cache_ram", "direct_ram"):
+            predictors, _ = trained_predictors(model, tokenizer, config["predictors"], progress=False,
+                                               log=lambda s: None)
+            predictors = predictors.with_policy(target_density=density)
     # the prompt is tokenized: the tokenizer is no part of the model that decodes, in any
     # variant (loading SmolLM2's costs ~117 MB of anonymous memory; deleting it gives back
     # ~28 MB, the allocator keeps the rest)
@@ -193,11 +231,13 @@ def runs_for(args) -> list[dict]:
         out = [{"variant": "dense", "density": 1.0, "cap": cap, "window": 1, "advice": "normal"}]
         for d in args.densities:
             out.append({"variant": "direct", "density": d, "cap": cap, "window": 1, "advice": "random"})
-            out.append({"variant": "cache", "density": d, "cap": cap, "window": 1, "advice": "random",
-                        "capacity": rows(cap)})
+            out += [{"variant": "cache", "density": d, "cap": cap, "window": k, "advice": "random",
+                     "capacity": rows(cap)} for k in args.cache_windows]
         return out
 
     runs = capped(args.caps[0])
+    if args.shapes == "3b":  # the headline cap and the all-in-RAM reference only
+        return runs + [{"variant": "dense_ram", "density": 1.0, "cap": None, "window": 1, "advice": "-"}]
     d = max(args.densities)  # the same model all in RAM, no cap: the reference points
     runs += [{"variant": v, "density": dd, "cap": None, "window": 1, "advice": "-"}
              for v, dd in (("dense_ram", 1.0), ("direct_ram", d), ("cache_ram", d))]
@@ -209,11 +249,15 @@ def runs_for(args) -> list[dict]:
     return runs
 
 
-def prepare_file(path: Path) -> None:
+def prepare_file(path: Path, shapes: str = "smollm2", layers: int = 8) -> None:
     import sparselab as sl
+    from sparselab.evaluation.suite import load_config
     from sparselab.runtime.weight_file import write_mlp_file
 
-    model, _ = sl.load_model()
+    if shapes == "3b":
+        model = model_3b(load_config(CONFIG_3B), layers)
+    else:
+        model, _ = sl.load_model()
     write_mlp_file(model, path)
 
 
@@ -237,19 +281,30 @@ def write(rows: list[dict], args, found) -> None:
     table = df.reindex(columns=cols).copy()
     for c in ("rss_peak", "footprint_peak", "cgroup_peak", "weight_resident_end"):
         table[c] = (table[c] / 2**20).round(1)
+    what = (f"Llama-3.2-3B MLP shapes, {args.layers} layers, random fp32 weights, synthetic-activation masks"
+            if args.shapes == "3b" else "SmolLM2-135M, trained predictors")
     out.with_suffix(".md").write_text(
-        f"# bench_disk ({found[0]} cgroup, {args.threads} thread(s), {args.tokens} timed decode tokens "
-        f"after max({args.warmup}, k) warm-up)\n\nMB columns are MiB; cap = share of the MLP file that fits "
+        f"# bench_disk ({what}; {found[0]} cgroup, {args.threads} thread(s), {args.tokens} timed decode tokens "
+        f"after max({args.warmup}, k) warm-up)\n\nCommand: `{args.command}`\n\n"
+        "MB columns are MiB; cap = share of the MLP file that fits "
         "beside the rest of the process.\n\n" + _md_table(table, index=False) + "\n")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=str(RESULTS / "bench_disk_smollm2"))
-    ap.add_argument("--weight-file", default="/tmp/sparselab-disk/smollm2_135m.mlpw")
+    ap.add_argument("--shapes", choices=("smollm2", "3b"), default="smollm2",
+                    help="smollm2: SmolLM2-135M with trained predictors; 3b: Llama-3.2-3B shapes, random "
+                         "weights, synthetic-activation masks (other defaults change with it, see the docstring)")
+    ap.add_argument("--layers", type=int, default=8, help="--shapes 3b: how many of the 28 layers")
+    ap.add_argument("--out", default=None, help="default results/bench_disk_smollm2 or results/bench_disk_3b")
+    ap.add_argument("--weight-file", default=None,
+                    help="default /tmp/sparselab-disk/smollm2_135m.mlpw or llama3b_<layers>L.mlpw")
     ap.add_argument("--densities", type=float, nargs="+", default=[0.3, 0.5])
     ap.add_argument("--caps", type=lambda s: None if s == "none" else float(s), nargs="+",
-                    default=[0.5, None, 0.35], help="memory caps (share of the MLP file), the first is the headline")
+                    default=None, help="memory caps (share of the MLP file), the first is the headline "
+                                       "(default 0.5 none 0.35; 0.5 with --shapes 3b)")
+    ap.add_argument("--cache-windows", type=int, nargs="+", default=None,
+                    help="cache windows k measured at each cap (default 1; 1 4 with --shapes 3b)")
     ap.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--window-caps", type=lambda s: None if s == "none" else float(s), nargs="+",
                     default=[0.5, None], help="the cap of the window sweep, one per density")
@@ -266,6 +321,17 @@ def main() -> None:
                          "replacing them in --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.command = " ".join(["python", "experiments/bench_disk.py"] + sys.argv[1:])
+    three = args.shapes == "3b"
+    if args.out is None:
+        args.out = str(RESULTS / ("bench_disk_3b" if three else "bench_disk_smollm2"))
+    if args.weight_file is None:
+        args.weight_file = (f"/tmp/sparselab-disk/llama3b_{args.layers}L.mlpw" if three
+                            else "/tmp/sparselab-disk/smollm2_135m.mlpw")
+    if args.caps is None:
+        args.caps = [0.5] if three else [0.5, None, 0.35]
+    if args.cache_windows is None:
+        args.cache_windows = [1, 4] if three else [1]
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
@@ -280,14 +346,15 @@ def main() -> None:
     wpath = Path(args.weight_file)
     if not wpath.is_file():
         wpath.parent.mkdir(parents=True, exist_ok=True)
-        prepare_file(wpath)
+        prepare_file(wpath, args.shapes, args.layers)
     runs = runs_for(args)
     if args.quick:
         args.tokens, args.warmup = 4, 2
         runs = [r for r in runs if r["cap"] == 0.5 and r["window"] == 1][:3]
     rows = []
     if args.rerun:  # measure again the runs matching --rerun, keep the other rows of --out
-        old = json.loads(Path(args.out).with_suffix(".json").read_text())["rows"]
+        prev = Path(args.out).with_suffix(".json")
+        old = json.loads(prev.read_text())["rows"] if prev.is_file() else []
         want = [r for r in runs if any(all(str(r[k]) == v for k, v in (kv.split("=") for kv in sel.split(",")))
                                        for sel in args.rerun)]
         keys = {(r["variant"], r["density"], r["cap"], r["window"]) for r in want}
@@ -296,7 +363,7 @@ def main() -> None:
     for run in tqdm(runs, desc="bench_disk"):
         # a window of k tokens fills over k steps: warm up at least that long
         spec = dict(run, weight_file=str(wpath), tokens=args.tokens, warmup=max(args.warmup, run["window"]),
-                    threads=args.threads)
+                    threads=args.threads, shapes=args.shapes, layers=args.layers)
         with MemoryCap(None) as cap:
             spec["cgroup"] = str(cap.path)
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))

@@ -446,3 +446,102 @@ def test_make_resident_copies_file_mapped_weights_out_of_the_mapping(tmp_path):
     assert torch.equal(logits(model), before)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert make_resident(model) == 0
+
+
+# ------------------------------------------------------ synthetic masks, bench_disk --shapes 3b
+
+def test_synthetic_masks_keep_k_per_token_repeat_after_reset_and_reuse_like_measured():
+    from sparselab.prediction import MaskPredictor, SyntheticActivationMasks
+
+    n, d = 4096, 0.45
+    p = SyntheticActivationMasks(n, 16, layers=[0, 3], density=d, seed=1)
+    assert isinstance(p, MaskPredictor) and p.low_rank_form(0) is None and p.bytes == 0
+    m = p.mask(3, torch.zeros(60, 16))
+    assert m.shape == (60, n) and m.dtype == torch.bool
+    assert (m.sum(1) == round(d * n)).all()
+    p.reset()
+    assert torch.equal(p.mask(3, torch.zeros(2, 30, 16)).reshape(60, n), m)  # any leading shape
+    assert not torch.equal(p.mask(0, torch.zeros(60, 16)), m)  # layers differ
+    # churn: the share of a token's neurons its predecessor did not use (fitted: ~0.39 at
+    # d = 0.45, against 1 - d = 0.55 for independent masks)
+    new = (m[1:] & ~m[:-1]).sum(1).float() / m[1:].sum(1)
+    assert 0.33 < float(new.mean()) < 0.45
+    # a window of k tokens loads fewer new neurons the longer it is (k = 1: below independent
+    # masks' d (1 - d); longer windows approach them, as SmolLM2's trained predictors do)
+    def new_per_token(k):
+        return float(np.mean([(m[t] & ~m[t - k:t].any(0)).float().mean() for t in range(16, 60)]))
+    rates = [new_per_token(k) for k in (1, 2, 4, 8, 16)]
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
+    assert rates[0] < 0.85 * d * (1 - d) and 0.03 < rates[2] < 0.07 and rates[4] < 0.01
+    q = p.at_density(0.1)
+    assert (q.mask(0, torch.zeros(3, 16)).sum(1) == round(0.1 * n)).all()
+    p.reset()
+    first = p.mask(0, torch.zeros(1, 16))
+    assert torch.equal(p.at_density(d).mask(0, torch.zeros(1, 16)), first)  # a restarted copy
+    assert q.describe()["kind"] == "synthetic_activation"
+    with pytest.raises(ValueError, match="no synthetic masks for layer 1"):
+        p.mask(1, torch.zeros(1, 16))
+    with pytest.raises(ValueError, match="features"):
+        p.mask(0, torch.zeros(1, 15))
+    with pytest.raises(ValueError, match="rho"):
+        SyntheticActivationMasks(n, 16, [0], rho=1.0)
+
+
+def test_synthetic_masks_with_a_predictor_cost_drive_the_model_from_disk(weight_path):
+    """sparsify(weight_file=) with synthetic masks: the direct kernel and the bounded cache
+    (k = 1 and 4) compute each token over exactly the masks' neurons (the same outputs)."""
+    from sparselab.prediction import RandomLowRankPredictors, SyntheticActivationMasks
+
+    cost = RandomLowRankPredictors(hidden=H, n_neurons=N, layers=range(LAYERS), rank=8)
+    outs = {}
+    for name, kw in {"direct": dict(use_cache=False), "cache1": dict(use_cache=True, cache_window=1),
+                     "cache4": dict(use_cache=True, cache_window=4, cache_capacity=0.4)}.items():
+        pred = SyntheticActivationMasks(N, H, range(LAYERS), density=0.3, cost=cost)
+        assert pred.bytes == cost.bytes
+        model = tiny_llama()
+        with sparsify(model, pred, mode="predicted", prefill="union", weight_file=MLPWeightFile(weight_path),
+                      **kw) as handle:
+            calls = mlp_outputs(model, 1, lambda m=model: generate(m, n=6))
+            decode = handle.stats().query("phase == 'decode'")
+            # two sequences: the union of two masks of 60 neurons each
+            assert ((decode.active >= round(0.3 * N)) & (decode.active <= 2 * round(0.3 * N))).all()
+        outs[name] = calls
+    for other in ("cache1", "cache4"):
+        for (_, ya), (_, yb) in zip(outs["direct"], outs[other], strict=True):
+            torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+
+
+def _bench_disk():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_disk.py"
+    spec = importlib.util.spec_from_file_location("bench_disk", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_disk_3b_runs_and_predictors():
+    import argparse
+
+    bd = _bench_disk()
+    args = argparse.Namespace(shapes="3b", densities=[0.3, 0.5], caps=[0.5], cache_windows=[1, 4],
+                              cache_fill=0.75, windows=[1, 2, 4, 8, 16], window_caps=[0.5, None])
+    runs = bd.runs_for(args)
+    got = [(r["variant"], r["density"], r["cap"], r["window"], r.get("capacity")) for r in runs]
+    assert got == [("dense", 1.0, 0.5, 1, None),
+                   ("direct", 0.3, 0.5, 1, None), ("cache", 0.3, 0.5, 1, 0.375), ("cache", 0.3, 0.5, 4, 0.375),
+                   ("direct", 0.5, 0.5, 1, None), ("cache", 0.5, 0.5, 1, 0.375), ("cache", 0.5, 0.5, 4, 0.375),
+                   ("dense_ram", 1.0, None, 1, None)]
+    # SmolLM2's sweep is unchanged by the new option (cache windows = [1] at each cap)
+    smol = bd.runs_for(argparse.Namespace(shapes="smollm2", densities=[0.3, 0.5], caps=[0.5, None, 0.35],
+                                          cache_windows=[1], cache_fill=0.75, windows=[1, 2, 4, 8, 16],
+                                          window_caps=[0.5, None]))
+    assert len(smol) == 5 + 3 + 8 + 5 + 5
+    from sparselab.evaluation.suite import load_config
+
+    config = load_config(bd.CONFIG_3B)
+    p = bd.predictors_3b(config, 1, 0.5)
+    assert (p.n_neurons, p.hidden_size, p.layers, p.k) == (8192, 3072, (0,), 4096)
+    assert p.cost.rank == 327 and p.bytes == p.cost.bytes

@@ -9,7 +9,8 @@ Modules: :mod:`.protocol` (``MaskPredictor``: what the runtime needs from any pr
 :mod:`.lowrank` (``Predictors``, trained low-rank), :mod:`.training`, :mod:`.policy`
 (how scores become masks), :mod:`.scoring` (recall, F1, mass and energy kept),
 :mod:`.files` (save / load), :mod:`.identity` (which model they belong to),
-:mod:`.static` (fixed neuron sets), :mod:`.random` (random predictors for speed runs).
+:mod:`.static` (fixed neuron sets), :mod:`.random` (random predictors for speed runs),
+:mod:`.synthetic` (masks of a synthetic activation with measured token-to-token reuse).
 A new predictor form needs no base class: implement :class:`MaskPredictor`.
 :mod:`.selection` (``SelectionMethod``: which rows/columns of gate, up and down a method
 reads per token, so bytes are counted by the library) and :mod:`.methods` (oracle,
@@ -25,6 +26,7 @@ from sparselab.prediction.protocol import LowRankForm, MaskPredictor
 from sparselab.prediction.random import RandomLowRankPredictors
 from sparselab.prediction.selection import MLPWeights, Selection, SelectionMethod
 from sparselab.prediction.static import static_from_trace
+from sparselab.prediction.synthetic import SyntheticActivationMasks
 from sparselab.prediction.training import (
     fit_low_rank,
     resolve_rank,
@@ -42,6 +44,7 @@ __all__ = [
     "Predictors",
     "RandomLowRankPredictors",
     "Selection",
+    "SyntheticActivationMasks",
     "SelectionMethod",
     "fit_low_rank",
     "load_predictors",
