@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sparselab.recording.trace import TOKEN_FIELDS, Trace
+from sparselab.recording.trace import COMPUTED, TOKEN_FIELDS, Trace
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TraceFileError", "load_trace", "save_trace"]
 
@@ -123,11 +123,28 @@ def _check_contents(path: Path, header: dict[str, Any], arrays: dict[str, torch.
         if a.ndim != 3 or a.shape[0] != len(layers) or a.shape[1] != n:
             raise bad(f"array {name!r} must be [{len(layers)} layers, {n} tokens, width], "
                       f"got {list(a.shape)}")
+        if name == COMPUTED:
+            _check_computed(a, arrays, meta, bad)
+            continue
         if not a.is_floating_point():
             raise bad(f"array {name!r} must hold floats, got {a.dtype}")
         if name in ("h", "gate") and stored in _STORED_DTYPES and a.dtype != _STORED_DTYPES[stored]:
             raise bad(f"array {name!r} is {a.dtype} but the trace was recorded as {stored} "
                       "(the file was altered)")
+
+
+def _check_computed(bits: torch.Tensor, arrays: dict[str, torch.Tensor], meta: dict[str, Any],
+                    bad) -> None:
+    """A sparse recording's ``computed`` array: int64 words, as many as the neurons need."""
+    from sparselab._fast.masks import n_words
+
+    if bits.dtype != torch.int64:
+        raise bad(f"array 'computed' must hold packed bits as int64, got {bits.dtype}")
+    widths = [int(arrays[k].shape[2]) for k in ("h", "gate") if k in arrays]
+    n = widths[0] if widths else meta.get("intermediate_size")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or bits.shape[2] != n_words(n):
+        raise bad(f"array 'computed' has {bits.shape[2]} words per token, which does not "
+                  f"fit {n!r} neurons")
 
 
 def _read_header(path: Path) -> dict[str, Any]:
