@@ -526,12 +526,14 @@ class Recorder:
 
     def _meta(self) -> dict[str, Any]:
         from sparselab._version import versions
-        from sparselab.recording.zarr_store import weight_fingerprint
+        from sparselab.models.fingerprint import mlp_fingerprint, weight_fingerprint
 
         meta = {
             "model": model_identity(self.model),
             "model_check": {"identity": model_identity(self.model),
                             "weights": weight_fingerprint(self.model)},
+            # rounding-tolerant: predictors trained on this trace keep it (Predictors.load checks)
+            "mlp_fingerprint": mlp_fingerprint(self.model),
             "activation": self.adapter.activation,
             "store_dtype": str(self.dtype).replace("torch.", ""),
             "input_dtype": str(self.input_dtype).replace("torch.", ""),
@@ -705,12 +707,8 @@ def _open_writer(model, tokenizer, texts, out, resume, layers, store, dtype, max
     """The store to write into and the first passage to record (checks before any work)."""
     from pathlib import Path
 
-    from sparselab.recording.zarr_store import (
-        StoreMismatch,
-        ZarrWriter,
-        text_digest,
-        weight_fingerprint,
-    )
+    from sparselab.models.fingerprint import weight_fingerprint
+    from sparselab.recording.zarr_store import StoreMismatch, ZarrWriter, text_digest
 
     adapter = adapter_for(model)
     n = adapter.n_layers

@@ -4,6 +4,11 @@
     >>> load_trace("smollm2.trace")             # == sl.Trace.load(...)
 
 A truncated, corrupted or foreign file raises :class:`TraceFileError` saying which.
+
+A save writes ``.smollm2.trace.sparselab-tmp.<pid>.<random>`` beside the target and renames
+it over the target. A writer killed before the rename (SIGKILL, out of memory) leaves that
+temporary; the next save or load of the same path removes it once its writer is gone
+(:mod:`sparselab._temporaries`), never a temporary another live process is writing.
 """
 
 from __future__ import annotations
@@ -11,13 +16,13 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sparselab._temporaries import remove_stale, temp_file
 from sparselab.recording.trace import COMPUTED, TOKEN_FIELDS, Trace
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TraceFileError", "load_trace", "save_trace"]
@@ -31,7 +36,10 @@ class TraceFileError(ValueError):
 
 
 def save_trace(trace: Trace, path: str | os.PathLike) -> Path:
-    """Write ``trace`` to one safetensors file, atomically (temp file + rename)."""
+    """Write ``trace`` to one safetensors file, atomically (temp file + rename).
+
+        >>> save_trace(trace, "smollm2.trace")    # stale temporaries of it are removed first
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -47,10 +55,11 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> Path:
         "meta": trace.meta,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_stale(path, ("tmp",))
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={FORMAT: json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(header)})
         # mkstemp makes the file private (0600); keep the mode of the file it replaces, or
         # what a plain open() would give under the user's umask
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
@@ -68,10 +77,14 @@ def _umask() -> int:
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
-    """Read a file written by :func:`save_trace`; clear errors for truncated or foreign files."""
+    """Read a file written by :func:`save_trace`; clear errors for truncated or foreign files.
+
+        >>> trace = load_trace("smollm2.trace")   # stale temporaries of it are removed first
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
+    remove_stale(path, ("tmp",))
     header = _read_header(path)
     try:
         tensors = load_file(str(path))

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from sparselab._heap import trim_heap
+from sparselab.models.fingerprint import weight_fingerprint  # re-exported: used on resume
 from sparselab.recording.trace import ARRAYS, COMPUTED, TOKEN_FIELDS, Trace
 
 __all__ = [
@@ -79,19 +80,6 @@ def is_zarr_path(path: str | os.PathLike) -> bool:
 def text_digest(text: str) -> str:
     """Short digest of one passage (stored per passage, compared on resume)."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
-
-
-def weight_fingerprint(model: torch.nn.Module) -> str:
-    """Digest of a sample of every parameter's values (same shapes, other weights differ)."""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.tobytes())
-    return h.hexdigest()[:20]
 
 
 def _np_dtype(dtype: torch.dtype, name: str = "h") -> np.dtype:
