@@ -54,7 +54,7 @@ def saved(model, tmp_path_factory):
     return predictors.save(tmp_path_factory.mktemp("fp") / "preds")
 
 
-def perturbed(layer: int, role: str, scale: float = 0.3, seed: int = 1):
+def perturbed(layer: int, role: str, scale: float = 0.5, seed: int = 1):
     """A copy of the model with Gaussian noise of ``scale`` x the RMS on one matrix."""
     other = make_model()
     w = getattr(other.model.layers[layer].mlp, f"{role}_proj").weight
@@ -102,8 +102,8 @@ def test_other_seed_and_rescaled_weights_differ(model):
     scaled = make_model()
     with torch.no_grad():
         scaled.model.layers[1].mlp.down_proj.weight.mul_(1.5)
-    assert fingerprint_diffs(mlp_fingerprint(model), mlp_fingerprint(scaled)) == \
-        "layer 1 down (distance 0.5)"
+    diffs = fingerprint_diffs(mlp_fingerprint(model), mlp_fingerprint(scaled))
+    assert diffs.startswith("layer 1 down (distance ") and diffs.count("layer") == 1
 
 
 def test_layers_whose_weights_are_on_disk_are_left_out(tmp_path):
@@ -122,9 +122,9 @@ def test_layers_whose_weights_are_on_disk_are_left_out(tmp_path):
     (lambda fp: fp.update(version=99), "version 99"),
     (lambda fp: fp["layers"].update(x=fp["layers"]["0"]), "layer 'x'"),
     (lambda fp: fp["layers"]["0"].pop("up"), "layer '0' must map"),
-    (lambda fp: fp["layers"]["0"]["up"].pop(), "5 finite numbers"),
-    (lambda fp: fp["layers"]["0"]["up"].__setitem__(1, float("nan")), "5 finite numbers"),
-    (lambda fp: fp["layers"]["0"]["up"].__setitem__(1, "1.0"), "5 finite numbers"),
+    (lambda fp: fp["layers"]["0"]["up"].pop(), "9 finite numbers"),
+    (lambda fp: fp["layers"]["0"]["up"].__setitem__(1, float("nan")), "9 finite numbers"),
+    (lambda fp: fp["layers"]["0"]["up"].__setitem__(1, "1.0"), "9 finite numbers"),
 ])
 def test_malformed_fingerprints_are_refused(model, edit, message):
     fp = json.loads(json.dumps(mlp_fingerprint(model)))

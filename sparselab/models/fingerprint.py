@@ -38,7 +38,7 @@ __all__ = ["PROBES", "TOLERANCE", "check_fingerprint", "fingerprint_diffs", "mlp
            "weight_fingerprint"]
 
 FINGERPRINT_VERSION = 1
-PROBES = 4
+PROBES = 8
 TOLERANCE = 0.10
 _ROLES = ("gate", "up", "down")
 
@@ -78,7 +78,7 @@ def mlp_fingerprint(model: nn.Module) -> dict[str, Any]:
     """Rounding-tolerant fingerprint of the gated MLP weights of ``model`` (JSON-able).
 
         >>> fp = mlp_fingerprint(model)
-        >>> fp["layers"]["0"]["gate"]          # [rms, probe_1, ..., probe_4]
+        >>> fp["layers"]["0"]["gate"]          # [rms, probe_1, ..., probe_8]
 
     See the module docstring for what it keeps and what it detects.
     """
