@@ -70,7 +70,7 @@ def _summary(w: torch.Tensor, seed: int) -> list[float]:
     n, h = w.shape
     a, b = _signs(n, seed), _signs(h, seed + 1)
     probes = ((a @ w) * b).sum(1) / math.sqrt(n * h)
-    rms = float(w.square().mean().sqrt())
+    rms = float(torch.linalg.vector_norm(w)) / math.sqrt(n * h)  # no temporary copy of w
     return [float(f"{v:.6g}") for v in (rms, *probes.tolist())]
 
 
