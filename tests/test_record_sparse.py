@@ -215,8 +215,9 @@ def test_int8_weights_record_the_dequantized_h(model, tokenizer, predictors):
     check_values(rec.trace, dequantized)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weights_on_disk_record_the_files_rows(tokenizer, predictors, tmp_path, dtype):
+@pytest.mark.parametrize("dtype,capacity", [(torch.float32, None), (torch.bfloat16, None),
+                                            (torch.float32, 0.2)])
+def test_weights_on_disk_record_the_files_rows(tokenizer, predictors, tmp_path, dtype, capacity):
     from sparselab.runtime.weight_file import write_mlp_file
 
     model = tiny_llama(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
@@ -226,12 +227,20 @@ def test_weights_on_disk_record_the_files_rows(tokenizer, predictors, tmp_path, 
                    layer.mlp.up_proj.weight.detach().double().clone())
                for i, layer in enumerate(model.model.layers)}
     path = write_mlp_file(model, tmp_path / "mlp.bin")
-    with sparsify(model, predictors.to(dtype), weight_file=path, prefill="union"):
+    with sparsify(model, predictors.to(dtype), weight_file=path, prefill="union", kernel="fast",
+                  cache_capacity=capacity) as handle:
         assert model.model.layers[0].mlp.gate_proj.weight.numel() == 0  # read from the file
         with Recorder(model, dtype=torch.float32) as rec:
             generate(model, tokenizer)
-    assert not rec.trace.computed(0).all()
-    check_values(rec.trace, weights)
+        stats = handle.stats()
+    trace = rec.trace
+    decode = stats[stats.phase == "decode"].set_index(["step", "layer"]).active
+    for layer in range(N_LAYERS):  # each decode step computed its own set (window or not)
+        for k, step in enumerate(sorted(set(trace.steps[~trace.is_prefill]))):
+            rows = np.flatnonzero(trace.steps == step)
+            assert trace.computed(layer)[rows[0]].sum() == decode[(k + 1, layer)]
+    assert not trace.computed(0).all()
+    check_values(trace, weights)
 
 
 def test_method_mode_records_the_selection(model, tokenizer, dense_trace, weights):
