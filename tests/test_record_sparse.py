@@ -291,6 +291,19 @@ def test_per_token_prefill_no_longer_passes_masked_h_as_dense(model, tokenizer, 
     assert dense_h[~computed].any()
 
 
+def test_memory_estimate_counts_the_computed_bits(model, tokenizer, predictors):
+    from sparselab.recording.recorder import estimate_trace_bytes
+
+    dense = estimate_trace_bytes(model, 100, store=("h",))
+    with sparsify(model, predictors, prefill="union"):
+        assert Recorder(model).sparse
+        assert estimate_trace_bytes(model, 100, store=("h",)) == dense + 100 * N_LAYERS * 2 * 8
+        trace = record(model, tokenizer, TEXTS[:4], store=("h",), progress=False)
+        estimate = estimate_trace_bytes(model, trace.n_tokens, store=("h",))
+    nbytes = sum(v.numel() * v.element_size() for v in trace.arrays.values())
+    assert nbytes + 41 * trace.n_tokens == estimate  # arrays exactly, plus the token metadata
+
+
 def test_dense_layers_of_a_sparse_recording_are_all_computed(model, tokenizer, predictors):
     with sparsify(model, predictors, layers=[1], prefill="union"):
         trace = record(model, tokenizer, TEXTS[:4], progress=False)

@@ -210,7 +210,10 @@ class Recorder:
 
     @property
     def sparse(self) -> bool:
-        """Whether any recorded layer runs a sparse MLP (the trace then holds ``computed``)."""
+        """Whether any recorded layer runs a sparse MLP (the trace then holds ``computed``).
+
+            >>> with sl.sparsify(model, predictors): sl.Recorder(model).sparse     # True
+        """
         return bool(self._sparse)
 
     def _sparse_meta(self) -> dict[str, Any] | None:
@@ -558,15 +561,19 @@ def estimate_trace_bytes(model: nn.Module, n_tokens: int, layers: Sequence[int] 
 
         >>> estimate_trace_bytes(model, 2048) / 2**30      # GiB for 2,048 tokens of SmolLM2
     """
+    from sparselab._fast.masks import n_words
+
     adapter = adapter_for(model)
-    n_layers = adapter.n_layers if layers is None else len(tuple(layers))
+    chosen = tuple(range(adapter.n_layers)) if layers is None else tuple(layers)
     hidden = int(model.config.get_text_config().hidden_size)
     per_layer = 0
     for name in store:
         features = hidden if name in ("mlp_in", "layer_in") else adapter.n_neurons
         itemsize = (input_dtype if name in ("mlp_in", "layer_in") else dtype).itemsize
         per_layer += features * itemsize
-    return int(n_tokens) * (n_layers * per_layer + 41)
+    if _sparse_wrappers(adapter, chosen):  # a sparse model's trace: the packed computed sets
+        per_layer += 8 * n_words(adapter.n_neurons)
+    return int(n_tokens) * (len(chosen) * per_layer + 41)
 
 
 def _count_tokens(tokenizer, texts: Sequence[str], max_length: int) -> int:
