@@ -3,6 +3,14 @@ and ``predictors.json`` (everything else, with the weights' checksum). No pickle
 
     >>> save_predictors(predictors, "smollm2.predictors")    # == predictors.save(...)
     >>> load_predictors("smollm2.predictors", model=model)   # == sl.Predictors.load(...)
+
+Replacing a directory is safe against a kill at any moment: the new directory is written
+beside it (``.NAME.sparselab-tmp.<pid>.<random>``), the old one is renamed aside
+(``.NAME.sparselab-old.<pid>.<random>``), the new one renamed into place, and the old one
+removed. A kill between the two renames leaves no directory at the path but both complete
+directories beside it: the next load or save of the path puts the new one in place
+(:func:`recover`; the old one if the new one is not complete) and removes the leftovers of
+writers that are gone (:mod:`sparselab._temporaries`).
 """
 
 from __future__ import annotations
@@ -11,18 +19,17 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from sparselab._temporaries import remove, remove_stale, stale_temporaries, temp_dir
 from sparselab.masking.rules import rule_from_dict
 from sparselab.prediction.lowrank import Predictors
 from sparselab.prediction.policy import Policy
 
 __all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "WEIGHTS_FILE", "PredictorFileError",
-           "load_predictors", "save_predictors", "sha256_of"]
+           "load_predictors", "recover", "save_predictors", "sha256_of"]
 
 FORMAT = "sparselab.predictors"
 FORMAT_VERSION = 1
@@ -43,15 +50,57 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _complete(directory: Path) -> bool:
+    """Whether ``directory`` holds a whole predictors save (config written last, with the
+    weights' checksum, and the weights match it)."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+        expected = config["sha256"][WEIGHTS_FILE]
+        return config.get("format") == FORMAT and sha256_of(directory / WEIGHTS_FILE) == expected
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def recover(path: str | os.PathLike) -> Path | None:
+    """Finish a replacement of predictors directory ``path`` that a kill interrupted.
+
+        >>> recover("smollm2.predictors")   # done by load_predictors and save_predictors
+
+    When ``path`` is missing and a writer that is gone left its new directory complete
+    beside it, that one is renamed into place (else the old one it had moved aside); then
+    the stale temporaries of ``path`` are removed. Returns what was put in place, or None.
+    Temporaries of a live writer are left alone.
+    """
+    path = Path(path)
+    restored = None
+    if not path.exists() and not path.is_symlink():
+        stale = stale_temporaries(path)
+        new = [t.path for t in stale if t.kind == "tmp" and _complete(t.path)]
+        old = [t.path for t in stale if t.kind == "old" and t.path.is_dir()]
+        for candidate in (new[-1:] or old[-1:]):  # the newest of its kind
+            try:
+                os.replace(candidate, path)
+                restored = candidate
+            except OSError:  # another process recovered it first
+                pass
+    remove_stale(path)
+    return restored
+
+
 def save_predictors(predictors: Predictors, path: str | os.PathLike) -> Path:
     """Write ``predictors.safetensors`` + ``predictors.json`` into directory ``path``.
 
-    Atomic: files go to a sibling temp directory which is then renamed into place.
-    An existing directory is replaced only if it holds sparselab predictors.
+        >>> save_predictors(predictors, "smollm2.predictors")
+
+    Atomic, also against a kill (module docstring): at any moment the path holds the old
+    or the new complete directory, or, after a kill between two renames, :func:`recover`
+    finds the new one. An existing directory is replaced only if it holds sparselab
+    predictors and nothing else.
     """
     from safetensors.torch import save_file
 
     path = Path(path)
+    recover(path)
     if path.exists() and not (
         path.is_dir() and ((path / CONFIG_FILE).is_file() or not any(path.iterdir()))
     ):
@@ -71,7 +120,7 @@ def save_predictors(predictors: Predictors, path: str | os.PathLike) -> Path:
         tensors[f"layer.{layer}.quantiles.all"] = all_q.contiguous()
         tensors[f"layer.{layer}.quantiles.positive"] = pos_q.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temp_dir(path, "tmp")
     old = None
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
@@ -83,28 +132,36 @@ def save_predictors(predictors: Predictors, path: str | os.PathLike) -> Path:
             os.chmod(tmp / name, 0o644)
         os.chmod(tmp, 0o755)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}-{time.time_ns()}"
+            old = temp_dir(path, "old")  # an empty directory: rename() replaces it
             os.replace(path, old)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not path.exists():
-            os.replace(old, path)
+        if old is not None:
+            if not path.exists():
+                os.replace(old, path)
+            else:
+                remove(old)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
-def load_predictors(path: str | os.PathLike, model=None) -> Predictors:
+def load_predictors(path: str | os.PathLike, model=None, check_weights: bool = True) -> Predictors:
     """Read a directory written by :func:`save_predictors`; with ``model``, check it matches.
 
         >>> predictors = load_predictors("smollm2.predictors", model=model)
+
+    The check compares sizes and, unless ``check_weights=False``, the fingerprint of the
+    MLP weights saved with the predictors (files without one, from older versions, are
+    checked by sizes only): :meth:`Predictors.check_model`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    recover(path)
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not path.is_dir():
         raise FileNotFoundError(f"no predictors directory at {path}")
@@ -131,6 +188,16 @@ def load_predictors(path: str | os.PathLike, model=None) -> Predictors:
     lookahead = config.get("lookahead", False)
     if not isinstance(lookahead, bool):
         raise PredictorFileError(f"{config_path}: lookahead must be true or false, got {lookahead!r}")
+    identity = config.get("model")
+    if identity is not None and not isinstance(identity, dict):
+        raise PredictorFileError(f"{config_path}: model must be an object, got {type(identity).__name__}")
+    if (identity or {}).get("mlp_fingerprint") is not None:
+        from sparselab.models.fingerprint import check_fingerprint
+
+        try:
+            check_fingerprint(identity["mlp_fingerprint"])
+        except ValueError as err:
+            raise PredictorFileError(f"{config_path}: model.mlp_fingerprint is malformed: {err}") from err
     try:
         tensors = load_file(str(weights_path))
         bad = sorted(name for name, t in tensors.items()
@@ -167,5 +234,5 @@ def load_predictors(path: str | os.PathLike, model=None) -> Predictors:
     except (SafetensorError, KeyError, TypeError, ValueError) as err:
         raise PredictorFileError(f"{path} is corrupted or incomplete: {err}") from err
     if model is not None:
-        out.check_model(model)
+        out.check_model(model, check_weights=check_weights)
     return out

@@ -374,8 +374,16 @@ class Predictors:
                 f"predictors read; record with store=(..., {name!r})"
             )
 
-    def check_model(self, model) -> None:
-        """Raise :class:`PredictorModelMismatch` unless ``model`` is the kind trained for."""
+    def check_model(self, model, check_weights: bool = True) -> None:
+        """Raise :class:`PredictorModelMismatch` unless ``model`` is the one trained for.
+
+            >>> predictors.check_model(model)            # sizes, type, then MLP weights
+
+        Compares the identity (type and sizes) and, when the predictors carry one (those
+        trained on a trace recorded by this version), the MLP weight fingerprint of
+        :mod:`sparselab.models.fingerprint`: the same weights in bfloat16 or int8 pass,
+        other weights of the same shapes do not. ``check_weights=False`` skips the weights.
+        """
         from sparselab.models import model_identity
 
         identity = model_identity(model)
@@ -394,6 +402,17 @@ class Predictors:
             raise PredictorModelMismatch(
                 f"predictors have layers {beyond}, the model has only {n_layers} layers"
             )
+        saved = self.model.get("mlp_fingerprint")
+        if check_weights and saved is not None:
+            from sparselab.models.fingerprint import fingerprint_diffs, mlp_fingerprint
+
+            diffs = fingerprint_diffs(saved, mlp_fingerprint(model))
+            if diffs:
+                raise PredictorModelMismatch(
+                    f"the model's MLP weights are not those the predictors were trained on: "
+                    f"{diffs} (shapes match; distance = change of the weight probes relative "
+                    f"to their RMS). Pass check_weights=False to load them anyway"
+                )
 
     # -- persistence --------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -425,14 +444,17 @@ class Predictors:
         return save_predictors(self, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model=None) -> Predictors:
+    def load(cls, path: str | os.PathLike, model=None, check_weights: bool = True) -> Predictors:
         """Read a directory written by :meth:`save`; with ``model``, check it matches.
 
             >>> predictors = sl.Predictors.load("smollm2.predictors", model=model)
+
+        ``check_weights=False`` skips the comparison of MLP weight fingerprints (see
+        :meth:`check_model`); sizes are always compared.
         """
         from sparselab.prediction.files import load_predictors
 
-        return load_predictors(path, model=model)
+        return load_predictors(path, model=model, check_weights=check_weights)
 
     def __repr__(self) -> str:
         ranks = sorted(set(self.ranks.values()))

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["MLPWeights", "Selection", "SelectionMethod", "dense_mlp_bytes", "run_selection",
-           "selection_bytes", "top_share"]
+           "selected_h", "selection_bytes", "top_share"]
 
 
 @dataclass(frozen=True)
@@ -119,12 +119,26 @@ def run_selection(x: torch.Tensor, weights: MLPWeights, selection: Selection) ->
     not its speed): inputs outside ``inputs`` are zeroed, ``h`` is zero wherever gate, up
     or down is not read. With an empty selection (all None) this is the dense MLP.
     """
+    return F.linear(selected_h(x, weights, selection)[0], weights.down)
+
+
+def selected_h(x: torch.Tensor, weights: MLPWeights, selection: Selection
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(h, act(gate), neurons)`` as :func:`run_selection` computes them, before ``down``.
+
+        >>> h, a, keep = selected_h(x, w, selection)     # F.linear(h, w.down) == run_selection(...)
+
+    ``h`` ``[T, N]`` is zero outside ``neurons`` (bool ``[T, N]``, or None = all); ``a`` is
+    act(gate) of the (input-masked) rows, not masked (what the sparse MLP hands to a
+    :class:`~sparselab.Recorder`).
+    """
     xin = x if selection.inputs is None else x * selection.inputs.to(x.dtype)
-    h = weights.h(xin)
+    a = weights.act(F.linear(xin, weights.gate))
+    h = a * F.linear(xin, weights.up)
     keep = selection.neurons()
     if keep is not None:
         h = h * keep.to(h.dtype)
-    return F.linear(h, weights.down)
+    return h, a, keep
 
 
 def top_share(scores: torch.Tensor, share: float) -> torch.Tensor:

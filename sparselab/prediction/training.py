@@ -310,13 +310,16 @@ def train_predictors(
         "cpu_seconds": time.process_time() - cpu0,
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
     }
+    model = dict(trace.meta.get("model") or {})
+    if trace.meta.get("mlp_fingerprint"):  # checked by Predictors.load(..., model=)
+        model["mlp_fingerprint"] = trace.meta["mlp_fingerprint"]
     return Predictors(
         weights,
         rule,
         policy=policy,
         lookahead=lookahead,
         calibration=calibration,
-        model=trace.meta.get("model"),
+        model=model,
         activation=trace.meta.get("activation"),
         config=config,
         layer_info=info,

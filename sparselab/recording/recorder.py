@@ -11,10 +11,22 @@ and KV-cache length (to drop pad tokens and to tell prefill from decode); per la
 MLP's input (post-norm), the gate projection's output (act(gate) is applied here), the
 down projection's input (exactly ``act(gate) * up`` as the model computed it) and the
 layer's input norm. A post-hook on the model keeps only the attended tokens.
+
+On a model sparsified with ``sl.sparsify`` (enter the Recorder after it), each sparse MLP
+hands the recorder what it really computed (:meth:`SparseMLP.observe
+<sparselab.runtime.SparseMLP.observe>`): ``h`` and ``gate`` of the neurons it computed, 0
+elsewhere, and the set itself, kept as the trace's ``computed`` array (packed bits) with
+the sparsify options in ``meta["sparse"]``; so a live sparse generation is analysed like a
+dense recording::
+
+    >>> with sl.sparsify(model, predictors) as handle, sl.Recorder(model) as rec:
+    ...     model.generate(**batch, max_new_tokens=16)
+    >>> rec.trace.computed(3).float().mean()         # the density layer 3 really ran at
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -26,7 +38,7 @@ from torch import nn
 from sparselab._checks import check_int
 from sparselab._heap import trim_heap
 from sparselab.models import adapter_for, model_identity
-from sparselab.recording.trace import ARRAYS, Trace
+from sparselab.recording.trace import ARRAYS, COMPUTED, Trace
 
 __all__ = ["Recorder", "record"]
 
@@ -93,6 +105,27 @@ def check_recording(n_layers: int, layers, store, dtype, input_dtype=torch.float
     return chosen, names
 
 
+def _sparse_wrappers(adapter, layers: Sequence[int]) -> dict[int, nn.Module]:
+    """Layer -> sparse MLP wrapper (``sl.sparsify``) among ``layers``."""
+    mlps = {i: adapter.layers[i].mlp for i in layers}
+    return {i: m for i, m in mlps.items()
+            if getattr(m, "is_sparselab_wrapper", False) and hasattr(m, "observe")}
+
+
+def _sparse_meta(wrappers: dict[int, nn.Module]) -> dict[str, Any] | None:
+    """JSON-able sparsify options of the recorded sparse layers (``meta["sparse"]``), or
+    None for a dense recording."""
+    if not wrappers:
+        return None
+    rt = next(iter(wrappers.values())).rt
+    meta = dict(rt.config)
+    meta["recorded_layers"] = sorted(wrappers)
+    policy = getattr(rt.predictors, "policy", None)
+    if hasattr(policy, "describe"):
+        meta["policy"] = policy.describe()
+    return json.loads(json.dumps(meta, default=str))
+
+
 class Recorder:
     """Context manager that records MLP activations of ``model`` while it runs.
 
@@ -104,6 +137,12 @@ class Recorder:
     any of ``("h", "gate", "mlp_in", "layer_in")``. ``dtype`` is the storage dtype of
     ``h`` and ``gate`` (fp16 halves the memory), ``input_dtype`` that of the inputs.
     Hooks are removed on exit, also when the body raises.
+
+    On a sparsified model (``sl.sparsify``; create and enter the Recorder while it is
+    sparsified) the sparse layers record what they computed: ``h``/``gate`` 0 outside the
+    computed neurons, which the trace's ``computed`` array marks (see :mod:`.trace`).
+    Sparsifying or restoring the model while the Recorder is attached is a
+    ``RuntimeError`` at the next forward call (the recording so far is kept).
 
     ``out="run.zarr"`` streams every forward pass to a new Zarr store instead of keeping
     it in memory (:mod:`.zarr_store`; ``chunk_tokens``, ``compression`` set its chunks and
@@ -129,6 +168,7 @@ class Recorder:
         self.adapter = adapter_for(model)
         self.layers, self.store = check_recording(self.adapter.n_layers, layers, store, dtype,
                                                   input_dtype)
+        self._find_mlps()
         self.dtype, self.input_dtype, self.tokenizer = dtype, input_dtype, tokenizer
         self._hooked = self.store
         if masks is None and hasattr(out, "append"):  # an open store keeps its own rule
@@ -157,10 +197,43 @@ class Recorder:
             self._writer = out if hasattr(out, "append") else self._create_store(
                 out, chunk_tokens, compression, masks)
 
+    # -- sparse layers ------------------------------------------------------------------
+    def _find_mlps(self) -> None:
+        """The MLP module of every recorded layer now, and which are sparse wrappers."""
+        self._mlps = {i: self.adapter.layers[i].mlp for i in self.layers}
+        self._sparse = _sparse_wrappers(self.adapter, self.layers)
+
+    def _replaced_mlps(self) -> list[int]:
+        """Recorded layers whose MLP module is no longer the one the hooks are on."""
+        return [i for i, mlp in self._mlps.items()
+                if getattr(self.adapter.layers[i].layer, self.adapter.layers[i].attr) is not mlp]
+
+    @property
+    def sparse(self) -> bool:
+        """Whether any recorded layer runs a sparse MLP (the trace then holds ``computed``).
+
+            >>> with sl.sparsify(model, predictors): sl.Recorder(model).sparse     # True
+        """
+        return bool(self._sparse)
+
+    def _sparse_meta(self) -> dict[str, Any] | None:
+        return _sparse_meta(self._sparse)
+
+    def _kept_arrays(self) -> tuple[str, ...]:
+        return (*self.store, COMPUTED) if self._sparse else self.store
+
     # -- context management -------------------------------------------------------------
     def __enter__(self) -> Recorder:
         if self._handles:
             raise RuntimeError("this Recorder is already active")
+        self.adapter = adapter_for(self.model)
+        if self._replaced_mlps():
+            if self._writer is not None or self._chunks:
+                raise RuntimeError(
+                    f"the MLPs of layers {self._replaced_mlps()} changed (sparsified or restored) "
+                    "since this Recorder was created or last used: its recording would mix "
+                    "dense and sparse calls; use a new Recorder")
+            self._find_mlps()
         try:
             self._attach()
         except BaseException:
@@ -193,10 +266,13 @@ class Recorder:
             mlp = self.adapter.layers[i]
             if "mlp_in" in self._hooked:
                 reg(mlp.mlp.register_forward_pre_hook(self._saver("mlp_in", i, from_input=True)))
-            if "gate" in self._hooked:
-                reg(mlp.gate_proj.register_forward_hook(self._gate_saver(i)))
-            if "h" in self._hooked:
-                reg(mlp.down_proj.register_forward_pre_hook(self._saver("h", i, from_input=True)))
+            if i in self._sparse:  # the sparse MLP says what it computed (h, gate, the set)
+                reg(mlp.mlp.observe(self._sparse_saver(i)))
+            else:
+                if "gate" in self._hooked:
+                    reg(mlp.gate_proj.register_forward_hook(self._gate_saver(i)))
+                if "h" in self._hooked:
+                    reg(mlp.down_proj.register_forward_pre_hook(self._saver("h", i, from_input=True)))
             if "layer_in" in self._hooked:
                 if mlp.input_norm is not None:
                     reg(mlp.input_norm.register_forward_hook(self._saver("layer_in", i)))
@@ -204,6 +280,13 @@ class Recorder:
                     reg(mlp.layer.register_forward_pre_hook(self._layer_input_saver(i), with_kwargs=True))
 
     def _on_call_start(self, module, args, kwargs) -> None:
+        replaced = self._replaced_mlps()
+        if replaced:
+            raise RuntimeError(
+                f"the MLPs of layers {replaced} were replaced while the Recorder was attached "
+                "(sl.sparsify or handle.restore inside the `with Recorder` block): its hooks are "
+                "on the old modules. Enter the Recorder inside the sparsify block (or after "
+                "restore); what was recorded so far is kept in rec.trace")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = input_ids if input_ids is not None else embeds
@@ -233,7 +316,7 @@ class Recorder:
             self._step, prefill,
         )
 
-    def _keep(self, name: str, layer: int, tensor: torch.Tensor) -> None:
+    def _current_call(self, tensor: torch.Tensor) -> _CallState:
         call = self._call
         if call is None:  # a submodule called outside a full-model forward: all tokens valid
             b, s = tensor.shape[0], tensor.shape[1]
@@ -243,11 +326,34 @@ class Recorder:
                 0, True,
             )
             self._next_seq += b
+        return call
+
+    def _keep(self, name: str, layer: int, tensor: torch.Tensor) -> None:
+        call = self._current_call(tensor)
         dtype = self.input_dtype if name in ("mlp_in", "layer_in") else self.dtype
         flat = tensor.detach().reshape(-1, tensor.shape[-1])
         call.buffers[(name, layer)] = flat.index_select(0, call.flat_index.to(flat.device)).to(
             device="cpu", dtype=dtype
         )
+
+    def _keep_computed(self, layer: int, computed: torch.Tensor) -> None:
+        """The attended tokens' computed sets as packed bits (int64 view of uint64 words)."""
+        from sparselab._fast.masks import pack
+
+        call = self._current_call(computed)
+        flat = computed.reshape(-1, computed.shape[-1])
+        rows = flat.index_select(0, call.flat_index.to(flat.device)).cpu().numpy()
+        call.buffers[(COMPUTED, layer)] = torch.from_numpy(pack(rows).view(np.int64))
+
+    def _sparse_saver(self, layer: int):
+        def observer(call) -> None:  # a sparselab.runtime.SparseCall
+            if "h" in self._hooked:
+                self._keep("h", layer, call.h)
+            if "gate" in self._hooked:
+                self._keep("gate", layer, call.gate)
+            self._keep_computed(layer, call.computed)
+
+        return observer
 
     def _saver(self, name: str, layer: int, from_input: bool = False):
         def hook(module, inputs, output=None):
@@ -275,7 +381,31 @@ class Recorder:
         call, self._call = self._call, None
         if call is None or not call.buffers:
             return
+        self._check_complete(call)
         self._commit(call)
+
+    def _check_complete(self, call: _CallState) -> None:
+        """Every recorded layer gave every kept array (dense layers of a sparse recording
+        get an all-True ``computed``), else a clear ``RuntimeError``; the call is dropped."""
+        if self._sparse:
+            from sparselab._fast.masks import pack
+
+            rows = len(call.flat_index)
+            full = None
+            for i in self.layers:
+                if i not in self._sparse:
+                    if full is None:
+                        full = torch.from_numpy(
+                            pack(np.ones((rows, self.adapter.n_neurons), dtype=bool)).view(np.int64))
+                    call.buffers[(COMPUTED, i)] = full
+        names = (*self._hooked, COMPUTED) if self._sparse else self._hooked
+        missing = [(name, i) for i in self.layers for name in names if (name, i) not in call.buffers]
+        if missing:
+            raise RuntimeError(
+                f"this forward pass recorded nothing for {missing[:4]}"
+                f"{' ...' if len(missing) > 4 else ''}: the hooked modules did not run (was "
+                "the model changed while the Recorder was attached?); the call was dropped, "
+                "earlier calls are kept in rec.trace")
 
     def _commit(self, call: _CallState) -> None:
         idx = call.flat_index
@@ -312,6 +442,10 @@ class Recorder:
                    self.input_dtype if name in ("mlp_in", "layer_in") else self.dtype)
             for name in self.store
         }
+        if self._sparse:  # packed bits: one int64 word per 64 neurons
+            from sparselab._fast.masks import n_words
+
+            arrays[COMPUTED] = (n_words(n), torch.int64)
         return ZarrWriter.create(
             out, self.layers, arrays, config=self.store_config(), meta=self._meta(),
             chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS, compression=compression,
@@ -322,7 +456,8 @@ class Recorder:
         """What a resumed store must share with this recorder (checked on resume)."""
         return {"layers": list(self.layers), "store": list(self.store),
                 "dtype": str(self.dtype).replace("torch.", ""),
-                "input_dtype": str(self.input_dtype).replace("torch.", "")}
+                "input_dtype": str(self.input_dtype).replace("torch.", ""),
+                "sparse": self._sparse_meta()}
 
 
     # -- result -------------------------------------------------------------------------
@@ -375,7 +510,7 @@ class Recorder:
         starts = np.cumsum([0] + [len(c["token_ids"]) for c in self._chunks])
         rows = [torch.from_numpy(destination[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]
         arrays = {}
-        for name in self.store:
+        for name in self._kept_arrays():
             first = self._chunks[0]["buffers"][(name, self.layers[0])]
             out = torch.empty((len(self.layers), len(order), first.shape[1]), dtype=first.dtype)
             for j, i in enumerate(self.layers):
@@ -394,12 +529,14 @@ class Recorder:
 
     def _meta(self) -> dict[str, Any]:
         from sparselab._version import versions
-        from sparselab.recording.zarr_store import weight_fingerprint
+        from sparselab.models.fingerprint import mlp_fingerprint, weight_fingerprint
 
-        return {
+        meta = {
             "model": model_identity(self.model),
             "model_check": {"identity": model_identity(self.model),
                             "weights": weight_fingerprint(self.model)},
+            # rounding-tolerant: predictors trained on this trace keep it (Predictors.load checks)
+            "mlp_fingerprint": mlp_fingerprint(self.model),
             "activation": self.adapter.activation,
             "store_dtype": str(self.dtype).replace("torch.", ""),
             "input_dtype": str(self.input_dtype).replace("torch.", ""),
@@ -408,6 +545,9 @@ class Recorder:
             "versions": versions(),
             "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self._started)),
         }
+        if self._sparse:
+            meta["sparse"] = self._sparse_meta()
+        return meta
 
 
 class RecordingTooLarge(MemoryError):
@@ -421,15 +561,19 @@ def estimate_trace_bytes(model: nn.Module, n_tokens: int, layers: Sequence[int] 
 
         >>> estimate_trace_bytes(model, 2048) / 2**30      # GiB for 2,048 tokens of SmolLM2
     """
+    from sparselab._fast.masks import n_words
+
     adapter = adapter_for(model)
-    n_layers = adapter.n_layers if layers is None else len(tuple(layers))
+    chosen = tuple(range(adapter.n_layers)) if layers is None else tuple(layers)
     hidden = int(model.config.get_text_config().hidden_size)
     per_layer = 0
     for name in store:
         features = hidden if name in ("mlp_in", "layer_in") else adapter.n_neurons
         itemsize = (input_dtype if name in ("mlp_in", "layer_in") else dtype).itemsize
         per_layer += features * itemsize
-    return int(n_tokens) * (n_layers * per_layer + 41)
+    if _sparse_wrappers(adapter, chosen):  # a sparse model's trace: the packed computed sets
+        per_layer += 8 * n_words(adapter.n_neurons)
+    return int(n_tokens) * (len(chosen) * per_layer + 41)
 
 
 def _count_tokens(tokenizer, texts: Sequence[str], max_length: int) -> int:
@@ -570,18 +714,16 @@ def _open_writer(model, tokenizer, texts, out, resume, layers, store, dtype, max
     """The store to write into and the first passage to record (checks before any work)."""
     from pathlib import Path
 
-    from sparselab.recording.zarr_store import (
-        StoreMismatch,
-        ZarrWriter,
-        text_digest,
-        weight_fingerprint,
-    )
+    from sparselab.models.fingerprint import weight_fingerprint
+    from sparselab.recording.zarr_store import StoreMismatch, ZarrWriter, text_digest
 
-    n = adapter_for(model).n_layers
+    adapter = adapter_for(model)
+    n = adapter.n_layers
     config = {"layers": list(range(n)) if layers is None else [int(i) for i in layers],
               "store": list(store), "dtype": str(dtype).replace("torch.", ""), "input_dtype": "float32"}
     config.update({"max_length": int(max_length), "batch_size": int(batch_size),
-                   "masks_rule": None if masks is None else masks.describe()})
+                   "masks_rule": None if masks is None else masks.describe(),
+                   "sparse": _sparse_meta(_sparse_wrappers(adapter, config["layers"]))})
     path = Path(out)
     if path.exists() and resume:
         check = {"identity": model_identity(model), "weights": weight_fingerprint(model)}

@@ -12,6 +12,20 @@ Arrays kept per layer (each optional, see :class:`sparselab.Recorder`):
 - ``mlp_in``   x, the MLP's post-norm input, ``[tokens, hidden]``
 - ``layer_in`` the decoder layer's input-norm output (before attention), ``[tokens, hidden]``
 
+A recording of a sparsified model (``sl.sparsify``) also holds ``computed``: per layer and
+token, the neurons the sparse MLP computed (whose ``h`` reached its down projection), as
+packed bits (int64 words ``[layers, tokens, ceil(neurons / 64)]``, the layout of
+:class:`sparselab.Masks`); ``h`` and ``gate`` are 0 outside it, and ``meta["sparse"]``
+holds the sparsify options (mode, density, prefill, rule or method, sparsified layers):
+
+    >>> with sl.sparsify(model, predictors) as handle, sl.Recorder(model) as rec:
+    ...     model.generate(**batch, max_new_tokens=16)
+    >>> rec.trace.computed(3)                   # bool [tokens, neurons]
+    >>> sl.metrics.churn(rec.trace.computed_masks())   # the metrics of any Masks
+
+A dense recording has no ``computed`` array: every neuron was computed, and
+``trace.computed(layer)`` is all True.
+
 Tokens are ordered by sequence, then position; ``is_prefill`` and ``step`` mark which
 forward pass of ``model.generate`` produced each token. Files: :mod:`.trace_file`.
 """
@@ -28,9 +42,10 @@ import pandas as pd
 import torch
 
 ARRAYS = ("h", "gate", "mlp_in", "layer_in")
+COMPUTED = "computed"  # packed bits of the neurons a sparse model computed (not a store= choice)
 TOKEN_FIELDS = ("token_ids", "seq_ids", "positions", "steps", "is_prefill")
 
-__all__ = ["ARRAYS", "TOKEN_FIELDS", "Trace"]
+__all__ = ["ARRAYS", "COMPUTED", "TOKEN_FIELDS", "Trace"]
 
 
 @dataclass
@@ -57,13 +72,22 @@ class Trace:
                 raise ValueError(f"{name} has shape {arr.shape}, expected ({n},)")
             setattr(self, name, arr)
         for name, tensor in self.arrays.items():
-            if name not in ARRAYS:
-                raise ValueError(f"unknown array {name!r}; known: {ARRAYS}")
+            if name not in (*ARRAYS, COMPUTED):
+                raise ValueError(f"unknown array {name!r}; known: {(*ARRAYS, COMPUTED)}")
             if tensor.ndim != 3 or tensor.shape[0] != len(self.layers) or tensor.shape[1] != n:
                 raise ValueError(
                     f"array {name!r} has shape {tuple(tensor.shape)}, expected "
                     f"[{len(self.layers)} layers, {n} tokens, features]"
                 )
+        if COMPUTED in self.arrays:
+            from sparselab._fast.masks import n_words
+
+            bits = self.arrays[COMPUTED]
+            if bits.dtype != torch.int64:
+                raise ValueError(f"array 'computed' holds packed bits as int64, got {bits.dtype}")
+            if not self.n_neurons or bits.shape[2] != n_words(self.n_neurons):
+                raise ValueError(f"array 'computed' has {bits.shape[2]} words per token; "
+                                 f"{self.n_neurons} neurons need {n_words(self.n_neurons)}")
         if self.pieces is not None and len(self.pieces) != n:
             raise ValueError(f"{len(self.pieces)} text pieces for {n} tokens")
 
@@ -104,6 +128,8 @@ class Trace:
     def values(self, name: str, layer: int) -> torch.Tensor:
         """Any recorded array of one layer as float32 ``[tokens, features]``: ``"h"``,
         ``"gate"``, ``"mlp_in"`` or ``"layer_in"`` (what rules read as their source)."""
+        if name == COMPUTED:
+            raise KeyError("'computed' holds packed bits: read it with trace.computed(layer)")
         if name not in self.arrays:
             raise KeyError(
                 f"{name!r} was not recorded (recorded: {sorted(self.arrays)}); pass "
@@ -126,6 +152,55 @@ class Trace:
     def layer_inputs(self, layer: int) -> torch.Tensor:
         """The decoder layer's input-norm output (before attention), ``[tokens, hidden]``."""
         return self.values("layer_in", layer)
+
+    # -- what a sparse model computed ------------------------------------------------------
+    @property
+    def sparse(self) -> dict[str, Any] | None:
+        """The sparsify options of a recording of a sparse model (``meta["sparse"]``), else None.
+
+            >>> trace.sparse["mode"], trace.sparse["density"]      # e.g. ("predicted", 0.5)
+        """
+        return self.meta.get("sparse") if COMPUTED in self.arrays else None
+
+    def computed(self, layer: int) -> torch.Tensor:
+        """Bool ``[tokens, neurons]``: the neurons the MLP of ``layer`` computed per token.
+
+            >>> trace.computed(3).float().mean(1)     # density each token really ran at
+
+        All True for a dense recording (no ``computed`` array: every neuron ran).
+        """
+        from sparselab._fast.masks import unpack
+
+        index = self.layer_index(layer)
+        if COMPUTED not in self.arrays:
+            if not self.n_neurons:
+                raise KeyError("this trace records neither h, gate nor its neuron count")
+            return torch.ones(self.n_tokens, self.n_neurons, dtype=torch.bool)
+        words = self.arrays[COMPUTED][index].numpy().view(np.uint64)
+        return torch.from_numpy(unpack(words, self.n_neurons))
+
+    def computed_masks(self):
+        """The computed neurons of every layer as :class:`sparselab.Masks` (for the metrics).
+
+            >>> sl.metrics.density(trace.computed_masks())    # what the sparse model ran
+
+        All True for a dense recording.
+        """
+        from sparselab._fast.masks import n_words
+        from sparselab.masking.masks import Masks
+
+        rule = {"name": "computed", "sparse": self.meta.get("sparse")}
+        if COMPUTED in self.arrays:
+            bits = self.arrays[COMPUTED]
+            bits = bits.load() if hasattr(bits, "load") else bits
+            bits = bits.numpy().view(np.uint64)
+        else:
+            from sparselab._fast.masks import pack
+
+            full = pack(np.ones((1, self.n_neurons), dtype=bool))
+            bits = np.broadcast_to(full, (self.n_layers, self.n_tokens, n_words(self.n_neurons)))
+        return Masks(bits=bits, n_neurons=self.n_neurons, layers=self.layers,
+                     seq_ids=self.seq_ids, positions=self.positions, rule=rule)
 
     def masks(self, rule):
         """Binary masks of every token and layer under a rule of :mod:`sparselab.masking.rules`."""

@@ -4,6 +4,11 @@
     >>> load_trace("smollm2.trace")             # == sl.Trace.load(...)
 
 A truncated, corrupted or foreign file raises :class:`TraceFileError` saying which.
+
+A save writes ``.smollm2.trace.sparselab-tmp.<pid>.<random>`` beside the target and renames
+it over the target. A writer killed before the rename (SIGKILL, out of memory) leaves that
+temporary; the next save or load of the same path removes it once its writer is gone
+(:mod:`sparselab._temporaries`), never a temporary another live process is writing.
 """
 
 from __future__ import annotations
@@ -11,14 +16,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sparselab.recording.trace import TOKEN_FIELDS, Trace
+from sparselab._temporaries import remove_stale, temp_file
+from sparselab.recording.trace import COMPUTED, TOKEN_FIELDS, Trace
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "TraceFileError", "load_trace", "save_trace"]
 
@@ -31,7 +36,10 @@ class TraceFileError(ValueError):
 
 
 def save_trace(trace: Trace, path: str | os.PathLike) -> Path:
-    """Write ``trace`` to one safetensors file, atomically (temp file + rename)."""
+    """Write ``trace`` to one safetensors file, atomically (temp file + rename).
+
+        >>> save_trace(trace, "smollm2.trace")    # stale temporaries of it are removed first
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -47,10 +55,11 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> Path:
         "meta": trace.meta,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    remove_stale(path, ("tmp",))
+    fd, tmp = temp_file(path)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={FORMAT: json.dumps(header)})
+        save_file(tensors, str(tmp), metadata={FORMAT: json.dumps(header)})
         # mkstemp makes the file private (0600); keep the mode of the file it replaces, or
         # what a plain open() would give under the user's umask
         os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
@@ -68,10 +77,14 @@ def _umask() -> int:
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
-    """Read a file written by :func:`save_trace`; clear errors for truncated or foreign files."""
+    """Read a file written by :func:`save_trace`; clear errors for truncated or foreign files.
+
+        >>> trace = load_trace("smollm2.trace")   # stale temporaries of it are removed first
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
+    remove_stale(path, ("tmp",))
     header = _read_header(path)
     try:
         tensors = load_file(str(path))
@@ -123,11 +136,28 @@ def _check_contents(path: Path, header: dict[str, Any], arrays: dict[str, torch.
         if a.ndim != 3 or a.shape[0] != len(layers) or a.shape[1] != n:
             raise bad(f"array {name!r} must be [{len(layers)} layers, {n} tokens, width], "
                       f"got {list(a.shape)}")
+        if name == COMPUTED:
+            _check_computed(a, arrays, meta, bad)
+            continue
         if not a.is_floating_point():
             raise bad(f"array {name!r} must hold floats, got {a.dtype}")
         if name in ("h", "gate") and stored in _STORED_DTYPES and a.dtype != _STORED_DTYPES[stored]:
             raise bad(f"array {name!r} is {a.dtype} but the trace was recorded as {stored} "
                       "(the file was altered)")
+
+
+def _check_computed(bits: torch.Tensor, arrays: dict[str, torch.Tensor], meta: dict[str, Any],
+                    bad) -> None:
+    """A sparse recording's ``computed`` array: int64 words, as many as the neurons need."""
+    from sparselab._fast.masks import n_words
+
+    if bits.dtype != torch.int64:
+        raise bad(f"array 'computed' must hold packed bits as int64, got {bits.dtype}")
+    widths = [int(arrays[k].shape[2]) for k in ("h", "gate") if k in arrays]
+    n = widths[0] if widths else meta.get("intermediate_size")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or bits.shape[2] != n_words(n):
+        raise bad(f"array 'computed' has {bits.shape[2]} words per token, which does not "
+                  f"fit {n!r} neurons")
 
 
 def _read_header(path: Path) -> dict[str, Any]:

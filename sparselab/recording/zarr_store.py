@@ -11,7 +11,9 @@ Layout of a store (Zarr v3, one directory)::
     zarr.json              root attributes: "sparselab" (format, config, model identity,
                            meta) and "progress" (committed tokens, passages done)
     arrays/<name>          [layers, tokens, features] per recorded array (h, gate, ...),
-                           chunks (1 layer, ``chunk_tokens`` tokens, all features)
+                           chunks (1 layer, ``chunk_tokens`` tokens, all features);
+                           ``computed`` (a sparse model's recording) is uint64 words of
+                           packed bits, read back as int64 like an in-memory trace's
     tokens/<field>         [tokens] int64 per token field (token_ids, seq_ids, ...)
     masks/bits             optional packed masks, uint64 [layers, tokens, words], of the
                            rule in ``sparselab.masks_rule``
@@ -41,7 +43,8 @@ import numpy as np
 import torch
 
 from sparselab._heap import trim_heap
-from sparselab.recording.trace import ARRAYS, TOKEN_FIELDS, Trace
+from sparselab.models.fingerprint import weight_fingerprint  # re-exported: used on resume
+from sparselab.recording.trace import ARRAYS, COMPUTED, TOKEN_FIELDS, Trace
 
 __all__ = [
     "FORMAT",
@@ -79,20 +82,12 @@ def text_digest(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def weight_fingerprint(model: torch.nn.Module) -> str:
-    """Digest of a sample of every parameter's values (same shapes, other weights differ)."""
-    h = hashlib.sha1()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            flat = p.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu().numpy()
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(sample.tobytes())
-    return h.hexdigest()[:20]
-
-
-def _np_dtype(dtype: torch.dtype) -> np.dtype:
+def _np_dtype(dtype: torch.dtype, name: str = "h") -> np.dtype:
+    """The store's dtype of array ``name`` recorded as ``dtype`` (packed bits: uint64)."""
+    if name == COMPUTED:
+        if dtype != torch.int64:
+            raise ValueError(f"array {COMPUTED!r} holds packed bits as int64 words, not {dtype}")
+        return np.dtype(np.uint64)
     if dtype not in _TORCH_TO_NP or _TORCH_TO_NP[dtype] is None:
         raise ValueError(f"a Zarr store keeps float16 or float32 arrays, not {dtype}")
     return np.dtype(_TORCH_TO_NP[dtype])
@@ -176,17 +171,18 @@ class ZarrWriter:
             raise FileExistsError(f"{path} exists: pass resume=True to continue it, or remove it")
         if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk_tokens!r}")
-        unknown = set(arrays) - set(ARRAYS)
+        unknown = set(arrays) - {*ARRAYS, COMPUTED}
         if unknown:
             raise ValueError(f"unknown arrays {sorted(unknown)}; choose from {ARRAYS}")
+        dtypes = {name: _np_dtype(dtype, name) for name, (_, dtype) in arrays.items()}
         compressors = _compressors(compression)
         path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(path), mode="w-")
         n_layers = len(layers)
-        for name, (features, dtype) in arrays.items():
+        for name, (features, _) in arrays.items():
             group.create_array(
                 f"arrays/{name}", shape=(n_layers, 0, features), chunks=(1, chunk_tokens, features),
-                dtype=_np_dtype(dtype), compressors=compressors, fill_value=0,
+                dtype=dtypes[name], compressors=compressors, fill_value=0,
             )
         for name in TOKEN_FIELDS:
             group.create_array(f"tokens/{name}", shape=(0,), chunks=(chunk_tokens * 16,),
@@ -207,7 +203,7 @@ class ZarrWriter:
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "layers": [int(x) for x in layers],
-            "arrays": {k: str(_np_dtype(d)) for k, (_, d) in arrays.items()},
+            "arrays": {k: str(d) for k, d in dtypes.items()},
             "n_neurons": n_neurons,
             "chunk_tokens": chunk_tokens,
             "compression": compression,
@@ -292,7 +288,10 @@ class ZarrWriter:
             # layer by layer, each buffer released once written: no stacked copy of the
             # batch (less memory and CPU than one [layers, rows, features] write)
             for j, layer in enumerate(self.layers):
-                arr[j, start:end, :] = buffers.pop((name, layer)).numpy().astype(arr.dtype, copy=False)
+                block = buffers.pop((name, layer)).numpy()
+                # packed bits ('computed') are int64 in torch, uint64 here: the same 64 bits
+                arr[j, start:end, :] = (block.view(np.uint64) if arr.dtype == np.uint64
+                                        else block.astype(arr.dtype, copy=False))
         for name, arr in self.tokens.items():
             arr.resize((end,))
             arr[start:end] = np.asarray(fields[name], dtype=np.int64)
@@ -431,10 +430,16 @@ class LazyArray:
         self.ndim = 3
         self.chunk_tokens = int(array.chunks[1])
 
+    @staticmethod
+    def _tensor(values: np.ndarray) -> torch.Tensor:
+        """numpy rows as torch (packed uint64 words as int64, the in-memory trace's dtype)."""
+        values = np.ascontiguousarray(values)
+        return torch.from_numpy(values.view(np.int64) if values.dtype == np.uint64 else values)
+
     def __getitem__(self, layer_index: int) -> torch.Tensor:
         if not isinstance(layer_index, (int, np.integer)):
             raise TypeError("index a lazy array by layer position (an int); use .to_dask() for more")
-        return torch.from_numpy(np.ascontiguousarray(self._array[int(layer_index), : self._n, :]))
+        return self._tensor(self._array[int(layer_index), : self._n, :])
 
     def rows(self, layer_index: int, start: int, stop: int) -> np.ndarray:
         """Tokens ``start:stop`` of one layer as numpy (the store's dtype)."""
@@ -452,7 +457,7 @@ class LazyArray:
         idx = np.asarray(index, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self._n):
             raise IndexError(f"token index out of range [0, {self._n})")
-        return torch.from_numpy(np.ascontiguousarray(self._array.oindex[:, idx, :]))
+        return self._tensor(self._array.oindex[:, idx, :])
 
     def to_dask(self):
         """A dask array ``[layers, tokens, features]`` over the store's chunks."""
@@ -462,7 +467,7 @@ class LazyArray:
 
     def load(self) -> torch.Tensor:
         """The whole array in memory."""
-        return torch.from_numpy(np.ascontiguousarray(self._array[:, : self._n, :]))
+        return self._tensor(self._array[:, : self._n, :])
 
     def contiguous(self) -> torch.Tensor:
         return self.load()

@@ -9,12 +9,25 @@ Children are the original projections (same objects, same names), so parameters 
 unregistered in ``original`` for :meth:`~sparselab.runtime.handle.SparseHandle.restore`.
 All wrappers of one sparsified model share a :class:`RunState` (mode, predictors,
 options, step counter, the stats records).
+
+What a call computed can be watched (this is how :class:`sparselab.Recorder` records a
+sparse model)::
+
+    >>> handle = wrapper.observe(lambda call: print(call.computed.sum(-1)))
+    >>> model(**batch); handle.remove()          # one SparseCall per forward of the layer
+
+The fast kernels fuse ``h`` into the down projection and never hold it, so while an
+observer is attached ``h`` of the computed neurons is computed once more in torch (float32)
+from the same weights the kernel read (the model's, the int8 model's dequantized values, or
+the weight file's rows): the same neurons, the kernel's values up to float rounding. With
+no observer nothing extra runs.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,12 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from sparselab.masking.rules import Rule
 from sparselab.models import LayerMLP
 from sparselab.runtime.stats import StepStats, StepTimes
 
-__all__ = ["RunState", "SparseMLP", "is_sparsified"]
+__all__ = ["RunState", "SparseCall", "SparseMLP", "is_sparsified"]
 
 
 def _no_clock() -> int:
@@ -57,10 +71,33 @@ class RunState:
     weight_file: Any = None  # an MLPWeightFile: MLP weights read from it, not from the model
     prefetch: bool = True  # start the reads of the rows a step needs before the kernel faults
     cache_capacity: float | None = None  # file-backed cache: rows held at most, share of a layer
+    config: dict[str, Any] = field(default_factory=dict)  # sparsify's options (handle.config)
 
     @property
     def clock(self) -> Callable[[], int]:
         return time.perf_counter_ns if self.record_stats else _no_clock
+
+
+@dataclass(frozen=True)
+class SparseCall:
+    """What one forward call of a :class:`SparseMLP` computed, handed to its observers.
+
+        >>> handle = wrapper.observe(lambda call: calls.append(call))
+        >>> calls[-1].h.shape, calls[-1].computed.dtype      # [..., neurons], torch.bool
+
+    ``computed``: bool ``[..., neurons]`` (leading dims those of the MLP input), the
+    neurons whose ``h`` reached the down projection for each token (every neuron in a
+    dense prefill; the token's own mask with ``prefill="per_token"`` and in oracle mode,
+    where the dense ``h`` is computed and then masked; the batch's union with
+    ``union=True``). ``h`` = act(gate) * up and ``gate`` = act(gate) there, float32, 0
+    elsewhere. ``phase`` is ``"prefill"`` or ``"decode"``.
+    """
+
+    layer: int
+    phase: str
+    h: torch.Tensor
+    gate: torch.Tensor
+    computed: torch.Tensor
 
 
 def model_pre_hook(state: RunState):
@@ -168,9 +205,65 @@ class SparseMLP(nn.Module):
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
             self.static_mask[static_idx] = True
+        # an OrderedDict, like torch's hook dicts: RemovableHandle keeps a weak reference
+        self._observers: OrderedDict[int, Callable[[SparseCall], None]] = OrderedDict()
+
+    # -- observers -----------------------------------------------------------------------
+    def observe(self, fn: Callable[[SparseCall], None]) -> RemovableHandle:
+        """Call ``fn(SparseCall)`` after every forward of this layer; remove with the handle.
+
+            >>> handle = wrapper.observe(lambda call: print(call.computed.sum(-1)))
+            >>> model(**batch); handle.remove()
+
+        See :class:`SparseCall` for what is handed over and the module docstring for its
+        cost (an extra torch computation of ``h`` over the computed neurons).
+        """
+        if not callable(fn):
+            raise TypeError(f"observe() needs a callable, got {type(fn).__name__}")
+        handle = RemovableHandle(self._observers)
+        self._observers[handle.id] = fn
+        return handle
+
+    def _report(self, x: torch.Tensor, phase: str, computed: torch.Tensor,
+                h: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> None:
+        """Hand observers this call's ``computed`` neurons (bool ``[N]`` shared by every
+        row, or ``[..., N]`` per row) and their h and act(gate): given (already computed in
+        torch, dense over the neurons: masked here), or computed here from the weights."""
+        lead = x.shape[:-1]
+        computed = computed.to(torch.bool).expand(*lead, self.n_neurons) \
+            if computed.dim() == 1 else computed.reshape(*lead, self.n_neurons)
+        keep = computed.to(torch.float32)
+        if h is None:
+            h, gate = self._set_values(x.reshape(-1, x.shape[-1]), computed.reshape(-1, self.n_neurons))
+        h = h.reshape(*lead, self.n_neurons).float() * keep
+        gate = gate.reshape(*lead, self.n_neurons).float() * keep
+        call = SparseCall(self.layer_index, phase, h, gate, computed)
+        for fn in list(self._observers.values()):
+            fn(call)
+
+    def _set_values(self, x2: torch.Tensor, computed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 (h, act(gate)) ``[T, N]`` over the neurons computed by any row (the
+        others 0), from the gate and up rows the kernels read."""
+        idx = torch.nonzero(computed.any(0)).squeeze(1)
+        if self.bundle is not None:  # weights on disk: the file's rows, as the kernel reads them
+            rows = torch.from_numpy(np.ascontiguousarray(self.bundle[idx.numpy(), :2]))
+            if self.rt.weight_file.dtype == torch.bfloat16:
+                rows = rows.view(torch.int16).view(torch.bfloat16)
+            g, u = rows[:, 0], rows[:, 1]
+        else:
+            gate_w, up_w = self._weights
+            g, u = gate_w.index_select(0, idx), up_w.index_select(0, idx)
+        x32 = x2.detach().float()
+        a_sub = self._act_fn(x32 @ g.float().T)
+        h = torch.zeros(x2.shape[0], self.n_neurons, dtype=torch.float32)
+        gate = torch.zeros_like(h)
+        h[:, idx] = a_sub * (x32 @ u.float().T)
+        gate[:, idx] = a_sub
+        return h, gate
 
     def release(self) -> None:
         """Drop the kernels' views of the weights (the handle restores the layout first)."""
+        self._observers.clear()
         self.down_t = None
         self.bundle = None
         self.cache = None
@@ -200,11 +293,11 @@ class SparseMLP(nn.Module):
         a = self._act_fn(gate)
         return a * up, a
 
-    def _rule_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h [T, N], true mask [T, N]) of the oracle rule."""
+    def _rule_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h [T, N], act(gate) [T, N], true mask [T, N]) of the oracle rule."""
         h, a = self._dense_h(x)
         values = a if self.rt.rule.source == "gate" else h
-        return h, self.rt.rule.mask(values, self.layer_index)
+        return h, a, self.rt.rule.mask(values, self.layer_index)
 
     def _predictor_input(self, x2: torch.Tensor) -> torch.Tensor:
         """What the predictor reads: the MLP input rows, or the input norm's output."""
@@ -302,7 +395,7 @@ class SparseMLP(nn.Module):
     def _run_method(self, x: torch.Tensor, phase: str) -> torch.Tensor:
         """Method mode: each token's selection, the MLP over exactly what it reads, and
         the bytes read counted (pad tokens included)."""
-        from sparselab.prediction.selection import dense_mlp_bytes, run_selection, selection_bytes
+        from sparselab.prediction.selection import dense_mlp_bytes, selected_h, selection_bytes
 
         clock = self.rt.clock
         x2 = x.reshape(-1, x.shape[-1])
@@ -310,14 +403,17 @@ class SparseMLP(nn.Module):
         t0 = clock()
         selection = self.rt.method.select(x2, w)
         t1 = clock()
-        y = run_selection(x2, w, selection)
+        h, a, keep = selected_h(x2, w, selection)  # == run_selection, h kept for observers
+        y = torch.nn.functional.linear(h, w.down)
         t2 = clock()
+        if self._observers:
+            self._report(x, phase, torch.ones(self.n_neurons, dtype=torch.bool) if keep is None else keep,
+                         h, a)
         nbytes = selection_bytes(selection, w, x2.shape[0])
         log = self.rt.bytes_read.setdefault(self.layer_index, [0.0, 0, float(dense_mlp_bytes(w))])
         log[0] += float(nbytes.sum())
         log[1] += x2.shape[0]
         if self.rt.record_stats:
-            keep = selection.neurons()
             active = float(self.n_neurons if keep is None else keep.sum(-1).double().mean())
             self._record(phase, x2.shape[0], None, StepTimes(predictor=t1 - t0, mlp=t2 - t1),
                          active=active)
@@ -329,6 +425,12 @@ class SparseMLP(nn.Module):
         if self.bundle is not None:  # the weights are on disk: every neuron, read in place
             all_idx = np.arange(self.n_neurons, dtype=np.int64)
             y = self._indexed(x.reshape(-1, x.shape[-1]), all_idx).reshape(x.shape)
+            if self._observers:
+                self._report(x, "prefill", torch.ones(self.n_neurons, dtype=torch.bool))
+        elif self._observers:  # the model's own modules, in the original's order of operations
+            h, a = self._dense_h(x)
+            y = self._down_mod(h)
+            self._report(x, "prefill", torch.ones(self.n_neurons, dtype=torch.bool), h, a)
         else:
             y = self.original(x)
         self._record("prefill", _n_rows(x), None, StepTimes(mlp=clock() - t0), active=self.n_neurons)
@@ -339,9 +441,9 @@ class SparseMLP(nn.Module):
         t0 = clock()
         t_pred = 0
         if rt.mode == "oracle":
-            h, m = self._rule_mask(x)
+            h, a, m = self._rule_mask(x)
         else:
-            h, _ = self._dense_h(x)
+            h, a = self._dense_h(x)
             if rt.mode == "static":
                 m = self.static_mask.expand_as(h)
             else:
@@ -349,6 +451,8 @@ class SparseMLP(nn.Module):
                 t_pred = clock() - t0
         t1 = clock()
         y = self._down_mod(h * m)
+        if self._observers:
+            self._report(x, "prefill", m, h, a)
         active = float(m.reshape(-1, self.n_neurons).sum(1).double().mean())
         self._record("prefill", _n_rows(x), None,
                      StepTimes(predictor=t_pred, mask=t1 - t0 - t_pred, mlp=clock() - t1),
@@ -371,7 +475,7 @@ class SparseMLP(nn.Module):
         if rt.mode == "static":
             u = self.static_mask
         elif rt.mode == "oracle":
-            h, m = self._rule_mask(x2)
+            h, a, m = self._rule_mask(x2)
             u = (m if pos is None else m.index_select(0, pos)).any(0)
         else:
             m = self._predict(x2, pos)
@@ -381,11 +485,15 @@ class SparseMLP(nn.Module):
         if rt.mode == "oracle":
             y = self._down_mod(h * u).reshape(x.shape)
             self._record("prefill", x2.shape[0], u, StepTimes(mask=t1 - t0, mlp=clock() - t1))
+            if self._observers:
+                self._report(x, "prefill", u, h, a)
             return y
         idx = self.static_idx if rt.mode == "static" else None
         y, cst, t_cache, t_mlp = self._run_set(x2, u, idx)
         self._record("prefill", x2.shape[0], u,
                      StepTimes(predictor=t_pred, mask=t1 - t0 - t_pred, cache=t_cache, mlp=t_mlp), cst)
+        if self._observers:
+            self._report(x, "prefill", u)
         return y.reshape(x.shape)
 
     def _decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -395,20 +503,25 @@ class SparseMLP(nn.Module):
             y, cst, t_cache, t_mlp = self._run_set(x2, self.static_mask, self.static_idx)
             self._record("decode", x2.shape[0], self.static_mask, StepTimes(cache=t_cache, mlp=t_mlp),
                          cst, active=len(self.static_idx))
+            if self._observers:
+                self._report(x, "decode", self.static_mask)
             return y.reshape(x.shape)
         t0 = clock()
         if rt.mode == "oracle":
-            h, m = self._rule_mask(x2)
+            h, a, m = self._rule_mask(x2)
             t1 = clock()
             if rt.union:
                 u = m.any(0)
                 y = self._down_mod(h * u)
                 self._record("decode", x2.shape[0], u, StepTimes(mask=t1 - t0, mlp=clock() - t1))
             else:
+                u = m
                 y = self._down_mod(h * m)
                 times = StepTimes(mask=t1 - t0, mlp=clock() - t1)
                 for r in range(x2.shape[0]):
                     self._record("decode", 1, m[r], times, row=r)
+            if self._observers:
+                self._report(x, "decode", u, h, a)
             return y.reshape(x.shape)
         if self._selector is not None and (rt.union or x2.shape[0] == 1):
             return self._decode_selected(x, x2)
@@ -420,6 +533,8 @@ class SparseMLP(nn.Module):
             y, cst, t_cache, t_mlp = self._run_set(x2, u, None)
             self._record("decode", x2.shape[0], u,
                          StepTimes(predictor=t1 - t0, mask=t2 - t1, cache=t_cache, mlp=t_mlp), cst)
+            if self._observers:
+                self._report(x, "decode", u)
             return y.reshape(x.shape)
         rows = []
         for r in range(x2.shape[0]):
@@ -428,6 +543,8 @@ class SparseMLP(nn.Module):
             self._record("decode", 1, m[r],
                          StepTimes(predictor=t1 - t0 if r == 0 else 0, cache=t_cache, mlp=t_mlp),
                          cst, row=r)
+        if self._observers:
+            self._report(x, "decode", m)
         return torch.cat(rows).reshape(x.shape)
 
     def _decode_selected(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -458,6 +575,10 @@ class SparseMLP(nn.Module):
         self._record("decode", x2.shape[0], mask,
                      StepTimes(predictor=t1 - t0, cache=t2 - t1, mlp=clock() - t2), stats,
                      active=len(idx))
+        if self._observers:
+            computed = torch.zeros(self.n_neurons, dtype=torch.bool)
+            computed[torch.from_numpy(np.asarray(idx, dtype=np.int64))] = True
+            self._report(x, "decode", computed)
         return y.reshape(x.shape)
 
 

@@ -339,6 +339,7 @@ def sparsify(
     }
     if method is not None:
         config["method"] = method.describe()
+    runtime.config = config  # what a Recorder on the sparse model writes in the trace's meta
     wrappers: dict[int, SparseMLP] = {}
     hooks: list = []
     handle = SparseHandle(model, adapter, runtime, wrappers, hooks, config)
