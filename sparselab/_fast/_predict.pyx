@@ -109,3 +109,145 @@ cdef class BoundSelector:
         with nogil:
             _pass(self.first, self.second, self.bias, x, z, 0.0, m, out, True, n_threads)
         return out_arr
+
+
+# ------------------------------------------------------------------------------------
+# shadow scores: 4-bit group-quantized gate and up (see csrc/sl_shadow.h for the layout)
+# ------------------------------------------------------------------------------------
+
+from libc.stdint cimport int8_t, int32_t, uint16_t
+from libc.math cimport expf, tanhf, fabsf
+
+cdef extern from "csrc/sl_shadow.h":
+    void sl_shadow_prep_x(const float* x, long h, long group, int8_t* xq, float* sx,
+                          int32_t* corr) noexcept nogil
+    void sl_shadow_dot2(const uint8_t* codes, const uint16_t* scales, const int8_t* xq,
+                        const float* sx, const int32_t* corr, long h, long group,
+                        float* g, float* u) noexcept nogil
+
+
+cdef inline float _shadow_act(float v, int act) noexcept nogil:
+    # the codes of sparselab._fast._mlp: 0 silu, 1 gelu_tanh, 2 relu
+    if act == 0:
+        return v / (1.0 + expf(-v))
+    elif act == 1:
+        return 0.5 * v * (1.0 + tanhf(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+    else:
+        return v if v > 0 else 0.0
+
+
+def shadow_prep_x(const float[:, ::1] x, long group):
+    """``(xq int8 [B, H], sx float32 [B, H/group], corr int32 [B, H/group])``: the kernel's
+    quantization of ``x`` (for the reference in tests)."""
+    cdef Py_ssize_t b, nb = x.shape[0], h = x.shape[1]
+    xq_a = np.empty((nb, h), np.int8)
+    sx_a = np.empty((nb, h // group), np.float32)
+    corr_a = np.empty((nb, h // group), np.int32)
+    cdef int8_t[:, ::1] xq = xq_a
+    cdef float[:, ::1] sx = sx_a
+    cdef int32_t[:, ::1] corr = corr_a
+    with nogil:
+        for b in range(nb):
+            sl_shadow_prep_x(&x[b, 0], h, group, &xq[b, 0], &sx[b, 0], &corr[b, 0])
+    return xq_a, sx_a, corr_a
+
+
+cdef class ShadowScorer:
+    """Approximate ``h`` of every neuron from the packed 4-bit gate and up.
+
+        >>> sc = ShadowScorer(codes, scales, 64, act)   # uint8 [N, H], uint16 [N, 2*H/64]
+        >>> idx, mask = sc.select(x, threshold, n_threads)   # |h~| > threshold in any row
+        >>> s = sc.scores(x, n_threads)                       # float32 |h~| [B, N]
+        >>> gu = sc.gate_up(x, n_threads)                     # float32 [B, N, 2]
+
+    Each neuron's pair runs the same code on any thread: results do not depend on the
+    thread count. NaN scores are never above the threshold.
+    """
+
+    cdef const uint8_t[:, ::1] codes
+    cdef const uint16_t[:, ::1] scales
+    cdef long group
+    cdef int act
+
+    def __init__(self, const uint8_t[:, ::1] codes, const uint16_t[:, ::1] scales, long group, int act):
+        self.codes, self.scales, self.group, self.act = codes, scales, group, act
+
+    cdef void _run(self, const float[:, ::1] x, int8_t[:, ::1] xq, float[:, ::1] sx,
+                   int32_t[:, ::1] corr, float threshold, uint8_t[::1] mask,
+                   float[:, ::1] scores, float[:, :, ::1] gu, int what,
+                   int n_threads) noexcept nogil:
+        # what: 0 threshold -> mask, 1 |h~| -> scores, 2 (g, u) -> gu
+        cdef Py_ssize_t nb = x.shape[0], h = x.shape[1], n = self.codes.shape[0]
+        cdef Py_ssize_t b, j
+        cdef float g, u, s
+        cdef uint8_t hit
+        for b in range(nb):
+            sl_shadow_prep_x(&x[b, 0], h, self.group, &xq[b, 0], &sx[b, 0], &corr[b, 0])
+        with parallel(num_threads=n_threads):
+            for j in prange(n, schedule="static"):
+                hit = 0
+                for b in range(nb):
+                    sl_shadow_dot2(&self.codes[j, 0], &self.scales[j, 0], &xq[b, 0], &sx[b, 0],
+                                   &corr[b, 0], h, self.group, &g, &u)
+                    if what == 2:
+                        gu[b, j, 0] = g
+                        gu[b, j, 1] = u
+                    else:
+                        s = fabsf(_shadow_act(g, self.act) * u)
+                        if what == 1:
+                            scores[b, j] = s
+                        elif s > threshold:
+                            hit = 1
+                if what == 0:
+                    mask[j] = hit
+
+    def _scratch(self, Py_ssize_t nb, Py_ssize_t h):
+        return (np.empty((nb, h), np.int8), np.empty((nb, h // self.group), np.float32),
+                np.empty((nb, h // self.group), np.int32))
+
+    cdef void _call(self, const float[:, ::1] x, float threshold, uint8_t[::1] mask,
+                    float[:, ::1] scores, float[:, :, ::1] gu, int what, int n_threads):
+        """Scratch typed outside the nogil block, then the pass."""
+        xq_a, sx_a, corr_a = self._scratch(x.shape[0], x.shape[1])
+        cdef int8_t[:, ::1] xq = xq_a
+        cdef float[:, ::1] sx = sx_a
+        cdef int32_t[:, ::1] corr = corr_a
+        with nogil:
+            self._run(x, xq, sx, corr, threshold, mask, scores, gu, what, n_threads)
+
+    def select(self, const float[:, ::1] x, float threshold, int n_threads):
+        """``(idx int64 ascending, mask bool [N])`` of the neurons whose ``|h~|`` is above
+        ``threshold`` in any row of ``x``."""
+        cdef Py_ssize_t n = self.codes.shape[0], k, j
+        mask = np.empty(n, np.bool_)
+        idx = np.empty(n, np.int64)
+        cdef uint8_t[::1] m = mask.view(np.uint8)
+        cdef int64_t[::1] out = idx
+        cdef float[:, ::1] no_scores = np.empty((1, 1), np.float32)
+        cdef float[:, :, ::1] no_gu = np.empty((1, 1, 1), np.float32)
+        self._call(x, threshold, m, no_scores, no_gu, 0, n_threads)
+        with nogil:
+            k = 0
+            for j in range(n):
+                if m[j]:
+                    out[k] = j
+                    k = k + 1
+        return idx[:k], mask
+
+    def scores(self, const float[:, ::1] x, int n_threads):
+        """float32 ``[B, N]``: ``|act(g~) * u~|`` of every neuron for every row."""
+        out_a = np.empty((x.shape[0], self.codes.shape[0]), np.float32)
+        cdef float[:, ::1] out = out_a
+        cdef uint8_t[::1] no_mask = np.empty(1, np.uint8)
+        cdef float[:, :, ::1] no_gu = np.empty((1, 1, 1), np.float32)
+        self._call(x, 0.0, no_mask, out, no_gu, 1, n_threads)
+        return out_a
+
+    def gate_up(self, const float[:, ::1] x, int n_threads):
+        """float32 ``[B, N, 2]``: the approximate gate and up dot products."""
+        out_a = np.empty((x.shape[0], self.codes.shape[0], 2), np.float32)
+        cdef float[:, :, ::1] out = out_a
+        cdef uint8_t[::1] no_mask = np.empty(1, np.uint8)
+        cdef float[:, ::1] no_scores = np.empty((1, 1), np.float32)
+        self._call(x, 0.0, no_mask, no_scores, out, 2, n_threads)
+        return out_a

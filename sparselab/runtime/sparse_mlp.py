@@ -55,6 +55,7 @@ class RunState:
     window: int = 1  # the weight cache holds the neurons of the last `window` steps
     weight_file: Any = None  # an MLPWeightFile: MLP weights read from it, not from the model
     prefetch: bool = True  # start the reads of the rows a step needs before the kernel faults
+    fast_method: bool = False  # method mode: decode steps run the method's compiled selection
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -153,6 +154,11 @@ class SparseMLP(nn.Module):
 
             gate_w, up_w = spec.gate_up_weights()
             self._mlp_weights = MLPWeights(spec.index, gate_w, up_w, spec.down_proj.weight, act_fn)
+        # method mode with a compiled decode step: (selector, (threshold, k)), dense bytes
+        self._method_fast = None
+        if state.mode == "method" and state.fast_method and self._indexed is not None:
+            self._method_fast = (state.method.fast_selector(spec.index, state.activation),
+                                 state.method.fast_rule(spec.index, self.n_neurons))
         self.static_mask = None
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
@@ -167,6 +173,7 @@ class SparseMLP(nn.Module):
         self._selector = self._form = None
         self._weights = None
         self._mlp_weights = None
+        self._method_fast = None
 
     @property
     def last_mask(self) -> torch.Tensor:
@@ -276,6 +283,8 @@ class SparseMLP(nn.Module):
         decode = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
         try:
             if self.rt.mode == "method":
+                if decode and self._method_fast is not None and _n_rows(x) == 1:
+                    return self._decode_method_fast(x)
                 return self._run_method(x, "decode" if decode else "prefill")
             if decode:
                 return self._decode(x)
@@ -310,6 +319,31 @@ class SparseMLP(nn.Module):
             active = float(self.n_neurons if keep is None else keep.sum(-1).double().mean())
             self._record(phase, x2.shape[0], None, StepTimes(predictor=t1 - t0, mlp=t2 - t1),
                          active=active)
+        return y.reshape(x.shape)
+
+    def _decode_method_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """One decode row in method mode: the method's compiled selection (e.g. the 4-bit
+        shadow scores and a threshold), then the by-index kernel over the chosen rows;
+        the bytes read are counted as :meth:`_run_method` counts them."""
+        clock = self.rt.clock
+        t0 = clock()
+        x32 = x.reshape(-1, x.shape[-1]).detach().to(torch.float32).contiguous().numpy()
+        selector, (threshold, k) = self._method_fast
+        if k is None:
+            idx, mask = selector.select_unchecked(x32, threshold)
+        else:
+            idx, mask = selector.top_k_unchecked(x32, k)
+        t1 = clock()
+        y = self._indexed.run_unchecked(x32, idx)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        t2 = clock()
+        w = self._mlp_weights
+        row = w.hidden_size * w.itemsize
+        log = self.rt.bytes_read.setdefault(self.layer_index, [0.0, 0, float(3 * w.n_neurons * row)])
+        log[0] += float(3 * len(idx) * row + selector.nbytes)
+        log[1] += 1
+        self._record("decode", 1, mask, StepTimes(predictor=t1 - t0, mlp=t2 - t1), active=len(idx))
         return y.reshape(x.shape)
 
     def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
