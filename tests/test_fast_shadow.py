@@ -51,9 +51,9 @@ def _reference(qg, qu, x, group):
 
 @pytest.mark.parametrize("path", PATHS)
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 40), groups=st.integers(1, 5), group=st.sampled_from([64, 32, 128]),
-       seed=st.integers(0, 2**16))
-def test_gate_up_scores_match_float64_reference(path, n, groups, group, seed):
+@given(n=st.integers(1, 40), groups=st.integers(1, 10), seed=st.integers(0, 2**16))
+def test_gate_up_scores_match_float64_reference(path, n, groups, seed):
+    group = 64  # neurons in blocks of 8: n not a multiple of 8 pads the last block
     h = groups * group
     qg, qu, x = _case(n, h, group, seed)
     sel = ShadowSelector(*qg, *qu, group, "silu")
@@ -114,8 +114,8 @@ def test_pack_rejects_non_4_bit_codes_and_bad_shapes():
     (cg, sg), (cu, su), _ = _case(4, 128, 64, seed=0)
     with pytest.raises(ValueError, match="outside"):
         pack_shadow(cg * 2, sg, cu, su, 64)
-    with pytest.raises(ValueError, match="group"):
-        pack_shadow(cg, sg, cu, su, 48)
+    with pytest.raises(ValueError, match="group 64"):
+        pack_shadow(cg, sg, cu, su, 32)
     with pytest.raises(ValueError, match="scales"):
         pack_shadow(cg, sg[:, :1], cu, su, 64)
     sel = ShadowSelector(cg, sg, cu, su, 64, "silu")

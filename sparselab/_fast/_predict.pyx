@@ -121,9 +121,9 @@ from libc.math cimport expf, tanhf, fabsf
 cdef extern from "csrc/sl_shadow.h":
     void sl_shadow_prep_x(const float* x, long h, long group, int8_t* xq, float* sx,
                           int32_t* corr) noexcept nogil
-    void sl_shadow_dot2(const uint8_t* codes, const uint16_t* scales, const int8_t* xq,
-                        const float* sx, const int32_t* corr, long h, long group,
-                        float* g, float* u) noexcept nogil
+    void sl_shadow_block(const uint8_t* codes, const uint16_t* scales, const int8_t* xq,
+                         const float* sx, const int32_t* corr, long ng, float* g,
+                         float* u) noexcept nogil
 
 
 cdef inline float _shadow_act(float v, int act) noexcept nogil:
@@ -153,79 +153,82 @@ def shadow_prep_x(const float[:, ::1] x, long group):
 
 
 cdef class ShadowScorer:
-    """Approximate ``h`` of every neuron from the packed 4-bit gate and up.
+    """Approximate ``h`` of every neuron from the packed 4-bit gate and up (group 64).
 
-        >>> sc = ShadowScorer(codes, scales, 64, act)   # uint8 [N, H], uint16 [N, 2*H/64]
+        >>> sc = ShadowScorer(codes, scales, n, act)   # uint8 [N/8, ...], uint16 [N/8, ...]
         >>> idx, mask = sc.select(x, threshold, n_threads)   # |h~| > threshold in any row
         >>> s = sc.scores(x, n_threads)                       # float32 |h~| [B, N]
         >>> gu = sc.gate_up(x, n_threads)                     # float32 [B, N, 2]
 
-    Each neuron's pair runs the same code on any thread: results do not depend on the
-    thread count. NaN scores are never above the threshold.
+    Blocks of 8 neurons are split over the threads; each block runs the same code on any
+    thread, so results do not depend on the thread count. NaN scores are never above the
+    threshold.
     """
 
     cdef const uint8_t[:, ::1] codes
     cdef const uint16_t[:, ::1] scales
-    cdef long group
+    cdef Py_ssize_t n
     cdef int act
 
-    def __init__(self, const uint8_t[:, ::1] codes, const uint16_t[:, ::1] scales, long group, int act):
-        self.codes, self.scales, self.group, self.act = codes, scales, group, act
+    def __init__(self, const uint8_t[:, ::1] codes, const uint16_t[:, ::1] scales, Py_ssize_t n, int act):
+        self.codes, self.scales, self.n, self.act = codes, scales, n, act
 
     cdef void _run(self, const float[:, ::1] x, int8_t[:, ::1] xq, float[:, ::1] sx,
-                   int32_t[:, ::1] corr, float threshold, uint8_t[::1] mask,
-                   float[:, ::1] scores, float[:, :, ::1] gu, int what,
+                   int32_t[:, ::1] corr, float[:, ::1] gb, float[:, ::1] ub, float threshold,
+                   uint8_t[::1] mask, float[:, ::1] scores, int what,
                    int n_threads) noexcept nogil:
-        # what: 0 threshold -> mask, 1 |h~| -> scores, 2 (g, u) -> gu
-        cdef Py_ssize_t nb = x.shape[0], h = x.shape[1], n = self.codes.shape[0]
-        cdef Py_ssize_t b, j
-        cdef float g, u, s
+        # what: 0 threshold -> mask, 1 |h~| -> scores, 2 (g, u) left in gb / ub
+        cdef Py_ssize_t nb = x.shape[0], h = x.shape[1], n_blocks = self.codes.shape[0]
+        cdef Py_ssize_t b, blk, j, i
+        cdef float s
         cdef uint8_t hit
         for b in range(nb):
-            sl_shadow_prep_x(&x[b, 0], h, self.group, &xq[b, 0], &sx[b, 0], &corr[b, 0])
+            sl_shadow_prep_x(&x[b, 0], h, 64, &xq[b, 0], &sx[b, 0], &corr[b, 0])
         with parallel(num_threads=n_threads):
-            for j in prange(n, schedule="static"):
-                hit = 0
+            for blk in prange(n_blocks, schedule="static"):
                 for b in range(nb):
-                    sl_shadow_dot2(&self.codes[j, 0], &self.scales[j, 0], &xq[b, 0], &sx[b, 0],
-                                   &corr[b, 0], h, self.group, &g, &u)
-                    if what == 2:
-                        gu[b, j, 0] = g
-                        gu[b, j, 1] = u
-                    else:
-                        s = fabsf(_shadow_act(g, self.act) * u)
-                        if what == 1:
-                            scores[b, j] = s
-                        elif s > threshold:
-                            hit = 1
-                if what == 0:
-                    mask[j] = hit
-
-    def _scratch(self, Py_ssize_t nb, Py_ssize_t h):
-        return (np.empty((nb, h), np.int8), np.empty((nb, h // self.group), np.float32),
-                np.empty((nb, h // self.group), np.int32))
+                    sl_shadow_block(&self.codes[blk, 0], &self.scales[blk, 0], &xq[b, 0],
+                                    &sx[b, 0], &corr[b, 0], h // 64, &gb[b, blk * 8],
+                                    &ub[b, blk * 8])
+                if what != 2:
+                    for j in range(8):
+                        i = blk * 8 + j
+                        if i < self.n:
+                            hit = 0
+                            for b in range(nb):
+                                s = fabsf(_shadow_act(gb[b, i], self.act) * ub[b, i])
+                                if what == 1:
+                                    scores[b, i] = s
+                                elif s > threshold:
+                                    hit = 1
+                            if what == 0:
+                                mask[i] = hit
 
     cdef void _call(self, const float[:, ::1] x, float threshold, uint8_t[::1] mask,
-                    float[:, ::1] scores, float[:, :, ::1] gu, int what, int n_threads):
+                    float[:, ::1] scores, float[:, ::1] gb, float[:, ::1] ub, int what,
+                    int n_threads):
         """Scratch typed outside the nogil block, then the pass."""
-        xq_a, sx_a, corr_a = self._scratch(x.shape[0], x.shape[1])
-        cdef int8_t[:, ::1] xq = xq_a
-        cdef float[:, ::1] sx = sx_a
-        cdef int32_t[:, ::1] corr = corr_a
+        cdef Py_ssize_t nb = x.shape[0], h = x.shape[1]
+        cdef int8_t[:, ::1] xq = np.empty((nb, h), np.int8)
+        cdef float[:, ::1] sx = np.empty((nb, h // 64), np.float32)
+        cdef int32_t[:, ::1] corr = np.empty((nb, h // 64), np.int32)
         with nogil:
-            self._run(x, xq, sx, corr, threshold, mask, scores, gu, what, n_threads)
+            self._run(x, xq, sx, corr, gb, ub, threshold, mask, scores, what, n_threads)
+
+    def _buffers(self, Py_ssize_t nb):
+        cdef Py_ssize_t padded = self.codes.shape[0] * 8
+        return np.empty((nb, padded), np.float32), np.empty((nb, padded), np.float32)
 
     def select(self, const float[:, ::1] x, float threshold, int n_threads):
         """``(idx int64 ascending, mask bool [N])`` of the neurons whose ``|h~|`` is above
         ``threshold`` in any row of ``x``."""
-        cdef Py_ssize_t n = self.codes.shape[0], k, j
+        cdef Py_ssize_t k, j, n = self.n
         mask = np.empty(n, np.bool_)
         idx = np.empty(n, np.int64)
+        gb, ub = self._buffers(x.shape[0])
         cdef uint8_t[::1] m = mask.view(np.uint8)
         cdef int64_t[::1] out = idx
-        cdef float[:, ::1] no_scores = np.empty((1, 1), np.float32)
-        cdef float[:, :, ::1] no_gu = np.empty((1, 1, 1), np.float32)
-        self._call(x, threshold, m, no_scores, no_gu, 0, n_threads)
+        self._call(x, threshold, m, gb, gb, ub, 0, n_threads)
         with nogil:
             k = 0
             for j in range(n):
@@ -236,18 +239,15 @@ cdef class ShadowScorer:
 
     def scores(self, const float[:, ::1] x, int n_threads):
         """float32 ``[B, N]``: ``|act(g~) * u~|`` of every neuron for every row."""
-        out_a = np.empty((x.shape[0], self.codes.shape[0]), np.float32)
-        cdef float[:, ::1] out = out_a
+        out_a = np.empty((x.shape[0], self.n), np.float32)
+        gb, ub = self._buffers(x.shape[0])
         cdef uint8_t[::1] no_mask = np.empty(1, np.uint8)
-        cdef float[:, :, ::1] no_gu = np.empty((1, 1, 1), np.float32)
-        self._call(x, 0.0, no_mask, out, no_gu, 1, n_threads)
+        self._call(x, 0.0, no_mask, out_a, gb, ub, 1, n_threads)
         return out_a
 
     def gate_up(self, const float[:, ::1] x, int n_threads):
         """float32 ``[B, N, 2]``: the approximate gate and up dot products."""
-        out_a = np.empty((x.shape[0], self.codes.shape[0], 2), np.float32)
-        cdef float[:, :, ::1] out = out_a
+        gb, ub = self._buffers(x.shape[0])
         cdef uint8_t[::1] no_mask = np.empty(1, np.uint8)
-        cdef float[:, ::1] no_scores = np.empty((1, 1), np.float32)
-        self._call(x, 0.0, no_mask, no_scores, out, 2, n_threads)
-        return out_a
+        self._call(x, 0.0, no_mask, gb, gb, ub, 2, n_threads)
+        return np.stack([gb[:, :self.n], ub[:, :self.n]], axis=-1)

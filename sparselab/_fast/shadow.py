@@ -9,9 +9,9 @@ the rows the by-index kernel computes exactly.
 
 Codes are the ``int8`` output of :func:`sparselab.prediction.quantize.quantize_groups`
 (values in ``[-8, 7]``, 4 bits) and the scales its ``float16`` ``[N, H / group]``. They
-are packed two per byte (:func:`pack_shadow`; per neuron the gate row then the up row,
-``H / 2`` bytes each, plus ``2 * H / group`` float16 scales), which is what the kernel
-reads per token: ``N * (H + 4 * H / group)`` bytes, :attr:`ShadowSelector.nbytes`.
+are packed two per byte in blocks of 8 neurons (:func:`pack_shadow`; group 64), which
+with the float16 scales is what the kernel reads per token: ``N * (H + 4 * H / 64)``
+bytes, :attr:`ShadowSelector.nbytes`.
 
 ``x`` is quantized to int8 per group of ``group`` channels (scale ``max |x| / 127``); the
 dot products are exact in int32 within a group, summed over groups in float32 (see
@@ -42,18 +42,22 @@ def quantize_x(x: torch.Tensor, group: int = 64) -> torch.Tensor:
     return (q * s).reshape(shape)
 
 
-def _pack_rows(codes: torch.Tensor, group: int) -> np.ndarray:
-    """int8 codes ``[N, H]`` in [-8, 7] -> uint8 ``[N, H/2]``: per group, byte k holds
-    code k (low nibble) and code k + group/2 (high nibble), each + 8."""
+def _pack_blocks(codes: torch.Tensor) -> np.ndarray:
+    """int8 codes ``[Np, H]`` in [-8, 7] (Np a multiple of 8) -> uint8 ``[Np/8, H/64, 8
+    chunks, 8 neurons, 4]``: byte t of chunk c of neuron j holds code 4c + t of the group
+    (low nibble) and code 32 + 4c + t (high nibble), each + 8."""
     n, h = codes.shape
-    u = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n, h // group, 2, group // 2)
-    return (u[:, :, 0, :] | (u[:, :, 1, :] << 4)).reshape(n, h // 2).numpy()
+    u = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n // 8, 8, h // 64, 2, 8, 4)
+    packed = u[:, :, :, 0] | (u[:, :, :, 1] << 4)          # [Nb, 8 j, G, 8 c, 4 t]
+    return packed.permute(0, 2, 3, 1, 4).contiguous().numpy()  # [Nb, G, c, j, t]
 
 
 def pack_shadow(gate_codes: torch.Tensor, gate_scales: torch.Tensor, up_codes: torch.Tensor,
                 up_scales: torch.Tensor, group: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``(codes uint8 [N, H], scales uint16 [N, 2 H/group])``: per neuron its gate row's
-    packed codes then its up row's, and the two rows' float16 scales (as bits)."""
+    """``(codes uint8 [ceil(N/8), 2 * H/64 * 256], scales uint16 [ceil(N/8), 2 * H/64 * 8])``:
+    per block of 8 neurons the gate rows' packed codes then the up rows', and their float16
+    scales (as bits) by group then neuron (see ``csrc/sl_shadow.h``). Group 64 only; the
+    last block is padded with zero weights."""
     for name, t in (("gate_codes", gate_codes), ("up_codes", up_codes)):
         if not isinstance(t, torch.Tensor) or t.dtype != torch.int8 or t.dim() != 2:
             raise ValueError(f"{name} must be an int8 [N, H] tensor")
@@ -62,15 +66,23 @@ def pack_shadow(gate_codes: torch.Tensor, gate_scales: torch.Tensor, up_codes: t
     if gate_codes.shape != up_codes.shape:
         raise ValueError(f"gate and up codes differ in shape: {tuple(gate_codes.shape)} vs {tuple(up_codes.shape)}")
     n, h = gate_codes.shape
-    if group < 2 or group % 2 or h % group:
-        raise ValueError(f"group must be even and divide the row length {h}, got {group}")
+    if group != 64 or h % 64:
+        raise ValueError(f"the compiled shadow scores need group 64 dividing the row length {h}, got group {group}")
     for name, t in (("gate_scales", gate_scales), ("up_scales", up_scales)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n, h // group):
             raise ValueError(f"{name} must be [{n}, {h // group}]")
-    codes = np.ascontiguousarray(np.concatenate([_pack_rows(gate_codes, group),
-                                                 _pack_rows(up_codes, group)], axis=1))
-    scales = torch.cat([gate_scales.to(torch.float16), up_scales.to(torch.float16)], dim=1)
-    return codes, np.ascontiguousarray(scales.contiguous().view(torch.int16).numpy().view(np.uint16))
+    pad = -n % 8
+    nb, ng = (n + pad) // 8, h // 64
+
+    def padded(t, value=0):
+        return torch.cat([t, torch.full((pad, t.shape[1]), value, dtype=t.dtype)]) if pad else t
+
+    codes = np.concatenate([_pack_blocks(padded(c)).reshape(nb, 1, -1) for c in (gate_codes, up_codes)],
+                           axis=1).reshape(nb, -1)
+    scales = [padded(s.to(torch.float16)).reshape(nb, 8, ng).transpose(1, 2).reshape(nb, 1, -1)
+              for s in (gate_scales, up_scales)]
+    bits = torch.cat(scales, dim=1).reshape(nb, -1).contiguous().view(torch.int16).numpy().view(np.uint16)
+    return np.ascontiguousarray(codes), np.ascontiguousarray(bits)
 
 
 class ShadowSelector:
@@ -83,13 +95,14 @@ class ShadowSelector:
         self.group = int(group)
         self.activation = activation
         self._n_threads = None if n_threads is None else check_threads(n_threads)
-        self._scorer = _predict.ShadowScorer(self.codes, self.scales, self.group,
+        self._scorer = _predict.ShadowScorer(self.codes, self.scales, self.n_neurons,
                                              activation_code(activation))
 
     @property
     def nbytes(self) -> int:
-        """Bytes the kernel reads per token: packed codes and float16 scales."""
-        return int(self.codes.nbytes + self.scales.nbytes)
+        """Bytes the kernel reads per token: packed codes and float16 scales (of the
+        real neurons; a padded last block reads up to 7 rows more)."""
+        return int(2 * self.n_neurons * (self.hidden // 2 + 2 * self.hidden // self.group))
 
     def _nt(self) -> int:
         return self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())

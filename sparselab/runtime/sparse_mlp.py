@@ -154,11 +154,14 @@ class SparseMLP(nn.Module):
 
             gate_w, up_w = spec.gate_up_weights()
             self._mlp_weights = MLPWeights(spec.index, gate_w, up_w, spec.down_proj.weight, act_fn)
-        # method mode with a compiled decode step: (selector, (threshold, k)), dense bytes
+        # method mode with a compiled decode step: (selector, (threshold, k), bytes of one
+        # weight row, bytes of the selector's own weights)
         self._method_fast = None
         if state.mode == "method" and state.fast_method and self._indexed is not None:
-            self._method_fast = (state.method.fast_selector(spec.index, state.activation),
-                                 state.method.fast_rule(spec.index, self.n_neurons))
+            selector = state.method.fast_selector(spec.index, state.activation)
+            row = spec.down_proj.out_features * spec.down_proj.weight.element_size()
+            self._method_fast = (selector, state.method.fast_rule(spec.index, self.n_neurons),
+                                 row, selector.nbytes)
         self.static_mask = None
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
@@ -283,7 +286,7 @@ class SparseMLP(nn.Module):
         decode = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
         try:
             if self.rt.mode == "method":
-                if decode and self._method_fast is not None and _n_rows(x) == 1:
+                if decode and self._method_fast is not None and x.numel() == x.shape[-1]:
                     return self._decode_method_fast(x)
                 return self._run_method(x, "decode" if decode else "prefill")
             if decode:
@@ -327,8 +330,9 @@ class SparseMLP(nn.Module):
         the bytes read are counted as :meth:`_run_method` counts them."""
         clock = self.rt.clock
         t0 = clock()
-        x32 = x.reshape(-1, x.shape[-1]).detach().to(torch.float32).contiguous().numpy()
-        selector, (threshold, k) = self._method_fast
+        x32 = x.detach().reshape(1, x.shape[-1])
+        x32 = (x32 if x32.dtype == torch.float32 else x32.to(torch.float32)).contiguous().numpy()
+        selector, (threshold, k), row, extra = self._method_fast
         if k is None:
             idx, mask = selector.select_unchecked(x32, threshold)
         else:
@@ -338,13 +342,14 @@ class SparseMLP(nn.Module):
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         t2 = clock()
-        w = self._mlp_weights
-        row = w.hidden_size * w.itemsize
-        log = self.rt.bytes_read.setdefault(self.layer_index, [0.0, 0, float(3 * w.n_neurons * row)])
-        log[0] += float(3 * len(idx) * row + selector.nbytes)
+        log = self.rt.bytes_read.get(self.layer_index)
+        if log is None:
+            log = self.rt.bytes_read[self.layer_index] = [0.0, 0, float(3 * self.n_neurons * row)]
+        log[0] += float(3 * len(idx) * row + extra)
         log[1] += 1
-        self._record("decode", 1, mask, StepTimes(predictor=t1 - t0, mlp=t2 - t1), active=len(idx))
-        return y.reshape(x.shape)
+        if self.rt.record_stats:
+            self._record("decode", 1, mask, StepTimes(predictor=t1 - t0, mlp=t2 - t1), active=len(idx))
+        return y.view(x.shape)
 
     def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
         clock = self.rt.clock
