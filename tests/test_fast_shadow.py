@@ -165,3 +165,21 @@ def test_sparsify_decode_runs_the_compiled_selection(calibrated):
     assert 0.0 < share < 1.0
     for layer in model.model.layers:  # restored: dense MLPs, down in its own layout
         assert not hasattr(layer.mlp, "rt") and layer.mlp.down_proj.weight.is_contiguous()
+
+
+def test_benchmark_method_configs_load_and_mismatched_variants_are_rejected():
+    from pathlib import Path
+
+    from sparselab.evaluation.suite import check_config, load_config
+
+    configs = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+    for name in ("smollm2_135m_shadow_cal", "smollm2_135m_shadow"):
+        config = load_config(configs / f"{name}.json")
+        assert config["predictors"]["kind"] == "method" and config["variants"] == ["dense", "sparse_method"]
+        with pytest.raises(ValueError, match="sparse_method"):
+            check_config({**config, "variants": ["dense", "sparse_direct"]})
+    trained = load_config(configs / "smollm2_135m.json")
+    with pytest.raises(ValueError, match="sparse_method"):
+        check_config({**trained, "variants": ["dense", "sparse_method"]})
+    with pytest.raises(ValueError, match="method.name"):
+        check_config({**config, "predictors": {"kind": "method", "method": {"name": "teal"}}})

@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_runs": 2,
     "num_runs": 10,
     "threads": None,
-    "variants": list(VARIANTS),
+    "variants": ["dense", "sparse_cache", "sparse_direct"],
     "memory_interval_s": 0.002,
     "prompt": {"kind": "corpus", "index": 0, "tokens": 64},
 }
@@ -144,6 +144,11 @@ def check_config(config: dict[str, Any]) -> None:
     unknown = [v for v in config["variants"] if v not in VARIANTS]
     if unknown or "dense" not in config["variants"]:
         raise ValueError(f"variants must include 'dense' and come from {VARIANTS}, got {config['variants']}")
+    is_method = pred["kind"] == "method"
+    if (is_method and not set(config["variants"]) <= {"dense", "sparse_method"}) or (
+            not is_method and "sparse_method" in config["variants"]):
+        raise ValueError("predictors.kind 'method' runs the variants dense and sparse_method; "
+                         f"other predictors the others, got {config['variants']}")
 
 
 # --------------------------------------------------------------------------------------
