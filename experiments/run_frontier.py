@@ -3,6 +3,7 @@
     flock -x /tmp/sparselab-bench.lock python experiments/run_frontier.py            # both, ~30 min
     python experiments/run_frontier.py --model smollm2 --n-held 4 --quick           # a smoke run
     python experiments/run_frontier.py --model smollm2 --only shadow,shadow-cal --tag shadow
+    python experiments/run_frontier.py --model smollm2 --only shadow,shadow-cal --x-bits 8 --tag shadow_x8
 
 Per model: the corpus is split (``sl.corpus.split``, every 4th passage held out); a trace
 of the first ``--n-train`` training passages (256 tokens each, ``h``, ``gate``, ``mlp_in``)
@@ -37,14 +38,14 @@ RESULTS = HERE / "results"
 MODELS = {"smollm2": None, "gemma3": "gemma3-270m"}
 
 
-def method_grid(predictors, quick: bool) -> list:
+def method_grid(predictors, quick: bool, x_bits: int | None = None) -> list:
     if quick:
         return [M.Oracle(0.5), M.Shadow(0.45), M.TEAL(0.7, 0.5), M.CATS(0.7)]
     grid = [M.Oracle(d) for d in (0.4, 0.5, 0.6)]
-    grid += [M.Shadow(d) for d in (0.4, 0.45, 0.5, 0.55, 0.6)]
+    grid += [M.Shadow(d, x_bits=x_bits) for d in (0.4, 0.45, 0.5, 0.55, 0.6)]
     grid += [M.TEAL(x, h) for x, h in ((0.7, 0.5), (0.8, 0.5), (0.8, 0.6))]
     grid += [M.WINA(x, h) for x, h in ((0.7, 0.5), (0.8, 0.5), (0.8, 0.6))]
-    grid += [M.Shadow(d, calibrated=True) for d in (0.4, 0.45, 0.5, 0.55, 0.6)]
+    grid += [M.Shadow(d, calibrated=True, x_bits=x_bits) for d in (0.4, 0.45, 0.5, 0.55, 0.6)]
     grid += [M.TEAL(x, h, calibrated=True) for x, h in ((0.7, 0.5), (0.8, 0.5))]
     grid += [M.WINA(x, h, calibrated=True) for x, h in ((0.7, 0.5), (0.8, 0.5))]
     grid += [M.CATS(d) for d in (0.5, 0.7)]
@@ -55,7 +56,8 @@ def method_grid(predictors, quick: bool) -> list:
 
 
 def to_markdown(df, fit: dict, title: str) -> str:
-    cols = ["method", "point", "bytes_share", "perplexity", "ppl_vs_dense", "kl", "fit_seconds"]
+    cols = ["method", "point", "bytes_share", "perplexity", "ppl_vs_dense", "kl", "greedy_agreement",
+            "fit_seconds"]
     table = df[cols].copy()
     table["ppl_vs_dense"] = (100 * table.ppl_vs_dense).map(lambda v: f"{v:+.2f} %")
     lines = [f"# {title}", "", _md_table(table, index=False, digits=4), ""]
@@ -85,7 +87,7 @@ def run(key: str, args) -> None:
         fit["predictors"] = {"rank": 64, "epochs": args.epochs, "loss": "mass",
                              "seconds": round(time.perf_counter() - t0, 1),
                              "seconds_per_layer": round((time.perf_counter() - t0) / trace.n_layers, 2)}
-    grid = [m for m in method_grid(predictors, args.quick) if only is None or m.name in only]
+    grid = [m for m in method_grid(predictors, args.quick, args.x_bits) if only is None or m.name in only]
     df = sl.frontier(model, tokenizer, grid, held_out[: args.n_held],
                      train_trace=trace, max_length=256, model_name=key)
     fit["threads"] = torch.get_num_threads()
@@ -106,6 +108,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--quick", action="store_true", help="four methods, no trained predictors")
     ap.add_argument("--only", default="", help="comma-separated method names (e.g. shadow,shadow-cal)")
+    ap.add_argument("--x-bits", type=int, default=None, choices=[8],
+                    help="shadow methods score with int8 x (what the compiled decode step runs)")
     ap.add_argument("--tag", default="", help="suffix of the result files (frontier_<model>_<tag>)")
     args = ap.parse_args()
     torch.manual_seed(0)

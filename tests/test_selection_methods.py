@@ -207,6 +207,9 @@ def test_frontier_rows_and_oracle_order(real_model, small_trace):
     oracle = df[df.method == "oracle"].set_index("point")
     assert oracle.loc["0.3", "perplexity"] > oracle.loc["0.7", "perplexity"]
     assert (df.kl[1:] > 0).all()
+    # greedy agreement: dense 1, the denser oracle at least as often on dense's top token
+    assert df.greedy_agreement[0] == 1.0 and df.greedy_agreement.between(0, 1).all()
+    assert oracle.loc["0.7", "greedy_agreement"] >= oracle.loc["0.3", "greedy_agreement"]
     assert df.fit_seconds.iloc[3] > 0 and df.attrs["versions"]
     # the evaluate path runs the same method
     ev = sl.evaluate(model, tokenizer, held_out, modes=("dense",), max_length=48, n_generate=0,

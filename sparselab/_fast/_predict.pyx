@@ -109,3 +109,145 @@ cdef class BoundSelector:
         with nogil:
             _pass(self.first, self.second, self.bias, x, z, 0.0, m, out, True, n_threads)
         return out_arr
+
+
+# ------------------------------------------------------------------------------------
+# shadow scores: 4-bit group-quantized gate and up (see csrc/sl_shadow.h for the layout)
+# ------------------------------------------------------------------------------------
+
+from libc.stdint cimport int8_t, int32_t, uint16_t
+from libc.math cimport expf, tanhf, fabsf
+
+cdef extern from "csrc/sl_shadow.h":
+    void sl_shadow_prep_x(const float* x, long h, long group, int8_t* xq, float* sx,
+                          int32_t* corr) noexcept nogil
+    void sl_shadow_block(const uint8_t* codes, const uint16_t* scales, const int8_t* xq,
+                         const float* sx, const int32_t* corr, long ng, float* g,
+                         float* u) noexcept nogil
+
+
+cdef inline float _shadow_act(float v, int act) noexcept nogil:
+    # the codes of sparselab._fast._mlp: 0 silu, 1 gelu_tanh, 2 relu
+    if act == 0:
+        return v / (1.0 + expf(-v))
+    elif act == 1:
+        return 0.5 * v * (1.0 + tanhf(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+    else:
+        return v if v > 0 else 0.0
+
+
+def shadow_prep_x(const float[:, ::1] x, long group):
+    """``(xq int8 [B, H], sx float32 [B, H/group], corr int32 [B, H/group])``: the kernel's
+    quantization of ``x`` (for the reference in tests)."""
+    cdef Py_ssize_t b, nb = x.shape[0], h = x.shape[1]
+    xq_a = np.empty((nb, h), np.int8)
+    sx_a = np.empty((nb, h // group), np.float32)
+    corr_a = np.empty((nb, h // group), np.int32)
+    cdef int8_t[:, ::1] xq = xq_a
+    cdef float[:, ::1] sx = sx_a
+    cdef int32_t[:, ::1] corr = corr_a
+    with nogil:
+        for b in range(nb):
+            sl_shadow_prep_x(&x[b, 0], h, group, &xq[b, 0], &sx[b, 0], &corr[b, 0])
+    return xq_a, sx_a, corr_a
+
+
+cdef class ShadowScorer:
+    """Approximate ``h`` of every neuron from the packed 4-bit gate and up (group 64).
+
+        >>> sc = ShadowScorer(codes, scales, n, act)   # uint8 [N/8, ...], uint16 [N/8, ...]
+        >>> idx, mask = sc.select(x, threshold, n_threads)   # |h~| > threshold in any row
+        >>> s = sc.scores(x, n_threads)                       # float32 |h~| [B, N]
+        >>> gu = sc.gate_up(x, n_threads)                     # float32 [B, N, 2]
+
+    Blocks of 8 neurons are split over the threads; each block runs the same code on any
+    thread, so results do not depend on the thread count. NaN scores are never above the
+    threshold.
+    """
+
+    cdef const uint8_t[:, ::1] codes
+    cdef const uint16_t[:, ::1] scales
+    cdef Py_ssize_t n
+    cdef int act
+
+    def __init__(self, const uint8_t[:, ::1] codes, const uint16_t[:, ::1] scales, Py_ssize_t n, int act):
+        self.codes, self.scales, self.n, self.act = codes, scales, n, act
+
+    cdef void _run(self, const float[:, ::1] x, int8_t[:, ::1] xq, float[:, ::1] sx,
+                   int32_t[:, ::1] corr, float[:, ::1] gb, float[:, ::1] ub, float threshold,
+                   uint8_t[::1] mask, float[:, ::1] scores, int what,
+                   int n_threads) noexcept nogil:
+        # what: 0 threshold -> mask, 1 |h~| -> scores, 2 (g, u) left in gb / ub
+        cdef Py_ssize_t nb = x.shape[0], h = x.shape[1], n_blocks = self.codes.shape[0]
+        cdef Py_ssize_t b, blk, j, i
+        cdef float s
+        cdef uint8_t hit
+        for b in range(nb):
+            sl_shadow_prep_x(&x[b, 0], h, 64, &xq[b, 0], &sx[b, 0], &corr[b, 0])
+        with parallel(num_threads=n_threads):
+            for blk in prange(n_blocks, schedule="static"):
+                for b in range(nb):
+                    sl_shadow_block(&self.codes[blk, 0], &self.scales[blk, 0], &xq[b, 0],
+                                    &sx[b, 0], &corr[b, 0], h // 64, &gb[b, blk * 8],
+                                    &ub[b, blk * 8])
+                if what != 2:
+                    for j in range(8):
+                        i = blk * 8 + j
+                        if i < self.n:
+                            hit = 0
+                            for b in range(nb):
+                                s = fabsf(_shadow_act(gb[b, i], self.act) * ub[b, i])
+                                if what == 1:
+                                    scores[b, i] = s
+                                elif s > threshold:
+                                    hit = 1
+                            if what == 0:
+                                mask[i] = hit
+
+    cdef void _call(self, const float[:, ::1] x, float threshold, uint8_t[::1] mask,
+                    float[:, ::1] scores, float[:, ::1] gb, float[:, ::1] ub, int what,
+                    int n_threads):
+        """Scratch typed outside the nogil block, then the pass."""
+        cdef Py_ssize_t nb = x.shape[0], h = x.shape[1]
+        cdef int8_t[:, ::1] xq = np.empty((nb, h), np.int8)
+        cdef float[:, ::1] sx = np.empty((nb, h // 64), np.float32)
+        cdef int32_t[:, ::1] corr = np.empty((nb, h // 64), np.int32)
+        with nogil:
+            self._run(x, xq, sx, corr, gb, ub, threshold, mask, scores, what, n_threads)
+
+    def _buffers(self, Py_ssize_t nb):
+        cdef Py_ssize_t padded = self.codes.shape[0] * 8
+        return np.empty((nb, padded), np.float32), np.empty((nb, padded), np.float32)
+
+    def select(self, const float[:, ::1] x, float threshold, int n_threads):
+        """``(idx int64 ascending, mask bool [N])`` of the neurons whose ``|h~|`` is above
+        ``threshold`` in any row of ``x``."""
+        cdef Py_ssize_t k, j, n = self.n
+        mask = np.empty(n, np.bool_)
+        idx = np.empty(n, np.int64)
+        gb, ub = self._buffers(x.shape[0])
+        cdef uint8_t[::1] m = mask.view(np.uint8)
+        cdef int64_t[::1] out = idx
+        self._call(x, threshold, m, gb, gb, ub, 0, n_threads)
+        with nogil:
+            k = 0
+            for j in range(n):
+                if m[j]:
+                    out[k] = j
+                    k = k + 1
+        return idx[:k], mask
+
+    def scores(self, const float[:, ::1] x, int n_threads):
+        """float32 ``[B, N]``: ``|act(g~) * u~|`` of every neuron for every row."""
+        out_a = np.empty((x.shape[0], self.n), np.float32)
+        gb, ub = self._buffers(x.shape[0])
+        cdef uint8_t[::1] no_mask = np.empty(1, np.uint8)
+        self._call(x, 0.0, no_mask, out_a, gb, ub, 1, n_threads)
+        return out_a
+
+    def gate_up(self, const float[:, ::1] x, int n_threads):
+        """float32 ``[B, N, 2]``: the approximate gate and up dot products."""
+        gb, ub = self._buffers(x.shape[0])
+        cdef uint8_t[::1] no_mask = np.empty(1, np.uint8)
+        self._call(x, 0.0, no_mask, gb, gb, ub, 2, n_threads)
+        return np.stack([gb[:, :self.n], ub[:, :self.n]], axis=-1)

@@ -28,7 +28,7 @@ from sparselab.models import model_identity
 __all__ = ["FRONTIER_COLUMNS", "frontier", "smallest_bytes"]
 
 FRONTIER_COLUMNS = ("model", "method", "point", "realizable", "bytes_share", "perplexity",
-                    "ppl_vs_dense", "kl", "n_tokens", "fit_seconds")
+                    "ppl_vs_dense", "kl", "greedy_agreement", "n_tokens", "fit_seconds")
 
 
 def _fit_all(model, methods, train_trace) -> tuple[list, list[float]]:
@@ -59,7 +59,8 @@ def frontier(
     progress: bool = True,
 ) -> pd.DataFrame:
     """One row per method and operating point (plus a dense row): bytes share, perplexity,
-    perplexity vs dense, KL(dense || sparse) per token.
+    perplexity vs dense, KL(dense || sparse) per token, greedy agreement (the share of
+    positions whose most likely next token, teacher-forced, is dense's).
 
         >>> df = sl.frontier(model, tokenizer, M.default_methods(), held_out, train_trace=trace)
 
@@ -84,7 +85,7 @@ def frontier(
     encoded = _encode(tokenizer, texts, max_length)
 
     k = len(fitted)
-    nll, kl = [0.0] * k, [0.0] * k
+    nll, kl, agree = [0.0] * k, [0.0] * k, [0] * k
     read, dense_read = [0.0] * k, [0.0] * k
     dense_nll, n_tokens = 0.0, 0
     bar = tqdm(total=len(encoded) * (1 + k), desc="frontier", unit="pass", disable=not progress)
@@ -94,6 +95,7 @@ def frontier(
             dense_lp = _log_probs(model, ids)
             bar.update()
             dense_p = dense_lp.exp()
+            dense_top = dense_lp.argmax(-1)
             dense_nll -= float(dense_lp.gather(1, targets).sum())
             n_tokens += targets.shape[0]
             for i, m in enumerate(fitted):
@@ -102,6 +104,7 @@ def frontier(
                 bar.update()
                 nll[i] -= float(lp.gather(1, targets).sum())
                 kl[i] += float((dense_p * (dense_lp - lp)).sum())
+                agree[i] += int((lp.argmax(-1) == dense_top).sum())
                 by_layer = handle.bytes_frame()
                 read[i] += float((by_layer.bytes_per_token * by_layer.tokens).sum())
                 dense_read[i] += float((by_layer.dense_bytes * by_layer.tokens).sum())
@@ -110,13 +113,15 @@ def frontier(
     name = model_name or model_identity(model)["name"] or type(model).__name__
     dense_ppl = math.exp(dense_nll / n_tokens)
     rows = [{"model": name, "method": "dense", "point": "1", "realizable": True, "bytes_share": 1.0,
-             "perplexity": dense_ppl, "ppl_vs_dense": 0.0, "kl": 0.0, "n_tokens": n_tokens,
+             "perplexity": dense_ppl, "ppl_vs_dense": 0.0, "kl": 0.0, "greedy_agreement": 1.0,
+             "n_tokens": n_tokens,
              "fit_seconds": 0.0}]
     for i, m in enumerate(fitted):
         ppl = math.exp(nll[i] / n_tokens)
         rows.append({"model": name, "method": m.name, "point": m.point, "realizable": m.realizable,
                      "bytes_share": read[i] / dense_read[i], "perplexity": ppl,
                      "ppl_vs_dense": ppl / dense_ppl - 1.0, "kl": kl[i] / n_tokens,
+                     "greedy_agreement": agree[i] / n_tokens,
                      "n_tokens": n_tokens, "fit_seconds": fit_seconds[i]})
     df = pd.DataFrame(rows, columns=list(FRONTIER_COLUMNS))
     df.attrs["config"] = {"methods": [m.describe() for m in fitted], "max_length": max_length,

@@ -20,7 +20,11 @@ run sizes (see ``experiments/configs/*.json``):
 
 Variants ``dense``, ``sparse_cache`` (predictor -> mask -> ``WeightCache`` -> kernel) and
 ``sparse_direct`` (index-list kernel over the full weights, no cache) run alternately in
-one process (:func:`sparselab.evaluation.compare.compare`).
+one process (:func:`sparselab.evaluation.compare.compare`). ``predictors.kind = "method"``
+benchmarks a selection method instead (``predictors.method``: ``{"name": "shadow", ...}``,
+the :class:`~sparselab.prediction.methods.Shadow` fields, fitted on training text) as
+variant ``sparse_method``: ``sl.sparsify(model, method=..., kernel="fast")``, whose decode
+steps run the method's compiled selection then the by-index kernel.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ __all__ = ["DEFAULTS", "VARIANTS", "Setup", "analyse", "build_random_llama", "ch
            "variant_factories"]
 
 
-VARIANTS = ("dense", "sparse_cache", "sparse_direct")
+VARIANTS = ("dense", "sparse_cache", "sparse_direct", "sparse_method")
+METHODS = ("shadow",)
 PREDICTOR_CACHE_VERSION = 1  # bump when the training recipe below changes
 
 DEFAULTS: dict[str, Any] = {
@@ -78,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_runs": 2,
     "num_runs": 10,
     "threads": None,
-    "variants": list(VARIANTS),
+    "variants": ["dense", "sparse_cache", "sparse_direct"],
     "memory_interval_s": 0.002,
     "prompt": {"kind": "corpus", "index": 0, "tokens": 64},
 }
@@ -113,11 +118,15 @@ def check_config(config: dict[str, Any]) -> None:
     if kind == "random_llama" and not isinstance(model.get("llama_config"), dict):
         raise ValueError("model.kind 'random_llama' needs a 'llama_config' dict of LlamaConfig fields")
     pred = config.get("predictors") or {}
-    if pred.get("kind") not in ("trained", "random_low_rank"):
-        raise ValueError(f"predictors.kind must be 'trained' or 'random_low_rank', got {pred.get('kind')!r}")
-    if pred["kind"] == "trained" and kind != "embedded":
-        raise ValueError("trained predictors need a real model and text: use model.kind 'embedded'")
-    if "rank" not in pred:
+    if pred.get("kind") not in ("trained", "random_low_rank", "method"):
+        raise ValueError(f"predictors.kind must be 'trained', 'random_low_rank' or 'method', "
+                         f"got {pred.get('kind')!r}")
+    if pred["kind"] in ("trained", "method") and kind != "embedded":
+        raise ValueError(f"{pred['kind']} predictors need a real model and text: use model.kind 'embedded'")
+    if pred["kind"] == "method":
+        if (pred.get("method") or {}).get("name") not in METHODS:
+            raise ValueError(f"predictors.method.name must be one of {METHODS}, got {pred.get('method')!r}")
+    elif "rank" not in pred:
         raise ValueError("predictors.rank is required (an int, or a float fraction of the intermediate size)")
     d = config["density"]
     if not (isinstance(d, (int, float)) and 0.0 < d <= 1.0):
@@ -135,6 +144,11 @@ def check_config(config: dict[str, Any]) -> None:
     unknown = [v for v in config["variants"] if v not in VARIANTS]
     if unknown or "dense" not in config["variants"]:
         raise ValueError(f"variants must include 'dense' and come from {VARIANTS}, got {config['variants']}")
+    is_method = pred["kind"] == "method"
+    if (is_method and not set(config["variants"]) <= {"dense", "sparse_method"}) or (
+            not is_method and "sparse_method" in config["variants"]):
+        raise ValueError("predictors.kind 'method' runs the variants dense and sparse_method; "
+                         f"other predictors the others, got {config['variants']}")
 
 
 # --------------------------------------------------------------------------------------
@@ -214,6 +228,33 @@ def make_prompt(config: dict[str, Any], tokenizer, vocab_size: int) -> torch.Ten
     return ids
 
 
+def fitted_method(model, tokenizer, spec: dict[str, Any], density: float, progress: bool = True,
+                  log: Callable[[str], None] = print):
+    """A selection method from ``spec["method"]`` (``{"name": "shadow", "calibrated": ...,
+    "x_bits": 8, ...}``) at ``density``, fitted on a recording of the first ``train_texts``
+    passages of the corpus' training split (``max_length`` tokens each; what
+    ``experiments/run_frontier.py`` fits on). Returns ``(method, info)``."""
+    from sparselab.prediction import methods as M
+
+    params = {k: v for k, v in spec["method"].items() if k != "name"}
+    method = M.Shadow(density, **params)
+    t0 = time.perf_counter()
+    trace = None
+    if method.calibrated:
+        train_texts, _ = split(load_corpus(), held_out=0.25)
+        texts = train_texts[: int(spec.get("train_texts", 32))]
+        log(f"recording {len(texts)} training passages to fit {method!r}")
+        trace = record(model, tokenizer, texts, max_length=int(spec.get("max_length", 256)),
+                       store=("mlp_in",), progress=progress)
+    method = method.fit(model, trace)
+    del trace
+    gc.collect()
+    info = {"kind": "method", **method.describe(), "bytes": method.bytes,
+            "fit_seconds": time.perf_counter() - t0, "fast_decode": method.fast_decode,
+            "train_texts": spec.get("train_texts", 32), "max_length": spec.get("max_length", 256)}
+    return method, info
+
+
 @dataclass
 class Setup:
     """Everything a benchmark run measures with (see :func:`prepare`)."""
@@ -255,7 +296,9 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
     adapter = adapter_for(model)
     pspec = config["predictors"]
     density = float(config["density"])
-    if pspec["kind"] == "trained":
+    if pspec["kind"] == "method":
+        predictors, pinfo = fitted_method(model, tokenizer, pspec, density, progress, log)
+    elif pspec["kind"] == "trained":
         predictors, pinfo = trained_predictors(model, tokenizer, pspec, progress, log)
         predictors = predictors.with_policy(target_density=density)
         pinfo.update(kind="trained", rank=predictors.ranks[predictors.layers[0]],
@@ -286,6 +329,10 @@ def variant_factories(setup: Setup) -> dict[str, Callable | None]:
     def sparse(use_cache: bool):
         return lambda: sparsify(model, p, mode="predicted", use_cache=use_cache, kernel="fast")
 
+    if setup.config["predictors"]["kind"] == "method":
+        return {name: None if name == "dense" else
+                (lambda: sparsify(model, method=p, kernel="fast"))
+                for name in setup.config["variants"]}
     all_ = {"dense": None, "sparse_cache": sparse(True), "sparse_direct": sparse(False)}
     return {name: all_[name] for name in setup.config["variants"]}
 

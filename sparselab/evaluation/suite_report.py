@@ -100,8 +100,7 @@ def report(result: dict[str, Any], runs: pd.DataFrame) -> str:
         f"- started: {result['started_at']}, wall time {result['wall_time_s']:.0f} s",
         f"- model: {result['model'].get('name')} ({result['model']['num_hidden_layers']} layers, "
         f"{result['model']['dtype']}), MLP density {density:.0%}, predictors: "
-        f"{result['predictors'].get('kind')} rank {result['predictors'].get('rank')} "
-        f"({bound['predictor_bytes'] / MB:.1f} MiB)",
+        f"{_predictor_label(result['predictors'])} ({bound['predictor_bytes'] / MB:.1f} MiB)",
         f"- prompt {result['prompt']['n_tokens']} tokens, {result['config']['max_new_tokens']} new "
         f"tokens (greedy, KV cache, no EOS stop), {result['config']['num_runs']} runs + "
         f"{result['config']['warmup_runs']} warm-up per variant, alternating",
@@ -150,3 +149,12 @@ def write_results(result: dict[str, Any], runs: pd.DataFrame, out_dir: str | os.
     shutil.copyfile(paths["json"], paths["latest_json"])
     paths["latest_md"].write_text(report(result, runs))
     return paths
+
+
+def _predictor_label(info: dict) -> str:
+    """"trained rank 64", or a method's name, point and options."""
+    if info.get("kind") == "method":
+        opts = ", ".join(f"{k} {info[k]}" for k in ("bits", "group", "x_bits") if k in info)
+        return (f"method {info.get('method')} at {info.get('point')} ({opts}; compiled decode "
+                f"step: {info.get('fast_decode')})")
+    return f"{info.get('kind')} rank {info.get('rank')}"

@@ -185,12 +185,16 @@ class Shadow(_Base):
     bits: int = 4
     group: int = 64
     calibrated: bool = False
+    x_bits: int | None = None
     _gate: dict = field(default_factory=dict)
     _up: dict = field(default_factory=dict)
     _thresholds: dict = field(default_factory=dict)
+    _codes: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.density = check_fraction("density", self.density)
+        if self.x_bits not in (None, 8):
+            raise ValueError(f"x_bits must be None (float x) or 8, got {self.x_bits!r}")
 
     @property
     def name(self) -> str:
@@ -198,26 +202,69 @@ class Shadow(_Base):
 
     @property
     def point(self) -> str:
-        return f"{self.density:g}"
+        return f"{self.density:g}" + ("/x8" if self.x_bits == 8 else "")
 
     @property
     def fitted(self) -> bool:
         return bool(self._gate)
+
+    def _x(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The input the scores read: ``x``, or (``x_bits=8``) its per-group int8 rounding
+        as the compiled kernel computes it."""
+        if self.x_bits == 8:
+            from sparselab._fast.shadow import quantize_x
+
+            return quantize_x(x, self.group).to(dtype)
+        return x.to(dtype)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of the quantized copies of every fitted layer (read once per token)."""
+        return int(sum(2 * quantized_bytes(tuple(g.shape), self.bits, self.group)
+                       for g in self._gate.values()))
+
+    @property
+    def fast_decode(self) -> bool:
+        """Whether ``sl.sparsify(..., kernel="fast")`` runs decode steps with the compiled
+        selection (:class:`sparselab._fast.shadow.ShadowSelector`): 4-bit codes, group 64
+        and ``x_bits=8`` (the kernel's int8 x), so it selects what :meth:`select` does
+        (up to float32 rounding at the threshold)."""
+        return self.bits == 4 and self.x_bits == 8 and self.group % 64 == 0 and bool(self._codes)
+
+    def fast_selector(self, layer: int, activation: str):
+        """The compiled selection of ``layer`` (see :attr:`fast_decode`)."""
+        from sparselab._fast.shadow import ShadowSelector
+
+        if not self.fast_decode:
+            raise ValueError("the compiled shadow selection needs bits=4, x_bits=8 and a fitted method")
+        qg, sg, qu, su = _need(self._codes, layer, "Shadow")
+        return ShadowSelector(qg, sg, qu, su, self.group, activation)
+
+    def fast_rule(self, layer: int, n_neurons: int) -> tuple[float | None, int | None]:
+        """``(threshold, None)`` (calibrated) or ``(None, k)`` (top-k) of ``layer``."""
+        if self.calibrated:
+            return float(_need(self._thresholds, layer, "Shadow(calibrated=True)")), None
+        from sparselab.masking.thresholds import top_count
+
+        return None, int(top_count(self.density, n_neurons))
 
     def fit(self, model, trace=None) -> Shadow:
         """Quantize every layer's gate and up (no data needed unless ``calibrated``: then
         the per-layer threshold on the approximate ``|h|`` comes from ``trace``'s inputs)."""
         if self.calibrated:
             _check_trace(trace, ("mlp_in",), "Shadow(calibrated=True)")
-        gates, ups, thresholds = {}, {}, {}
+        gates, ups, thresholds, codes = {}, {}, {}, {}
         for layer, w in _layer_weights(model).items():
-            gates[layer] = dequantize_groups(*quantize_groups(w.gate, self.bits, self.group), self.group)
-            ups[layer] = dequantize_groups(*quantize_groups(w.up, self.bits, self.group), self.group)
+            qg, qu = quantize_groups(w.gate, self.bits, self.group), quantize_groups(w.up, self.bits, self.group)
+            gates[layer] = dequantize_groups(*qg, self.group)
+            ups[layer] = dequantize_groups(*qu, self.group)
+            if self.bits == 4:  # kept for the compiled selection (fast_selector)
+                codes[layer] = (*qg, *qu)
             if self.calibrated and layer in trace.layers:
-                x = trace.mlp_inputs(layer).to(gates[layer].dtype)
+                x = self._x(trace.mlp_inputs(layer), gates[layer].dtype)
                 approx = w.act(x @ gates[layer].T) * (x @ ups[layer].T)
                 thresholds[layer] = layer_threshold(approx.abs(), self.density)
-        return dataclasses.replace(self, _gate=gates, _up=ups, _thresholds=thresholds)
+        return dataclasses.replace(self, _gate=gates, _up=ups, _thresholds=thresholds, _codes=codes)
 
     def at_density(self, density: float) -> Shadow:
         """The same quantized copies at another density (no re-quantization)."""
@@ -226,7 +273,7 @@ class Shadow(_Base):
     def select(self, x: torch.Tensor, w: MLPWeights) -> Selection:
         g = _need(self._gate, w.layer, "Shadow")
         u = self._up[w.layer]
-        xf = x.to(g.dtype)
+        xf = self._x(x, g.dtype)
         approx = w.act(xf @ g.T) * (xf @ u.T)
         if self.calibrated:
             m = approx.abs() > _need(self._thresholds, w.layer, "Shadow(calibrated=True)")

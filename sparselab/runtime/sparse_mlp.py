@@ -72,6 +72,7 @@ class RunState:
     prefetch: bool = True  # start the reads of the rows a step needs before the kernel faults
     cache_capacity: float | None = None  # file-backed cache: rows held at most, share of a layer
     config: dict[str, Any] = field(default_factory=dict)  # sparsify's options (handle.config)
+    fast_method: bool = False  # method mode: decode steps run the method's compiled selection
 
     @property
     def clock(self) -> Callable[[], int]:
@@ -201,6 +202,14 @@ class SparseMLP(nn.Module):
 
             gate_w, up_w = spec.gate_up_weights()
             self._mlp_weights = MLPWeights(spec.index, gate_w, up_w, spec.down_proj.weight, act_fn)
+        # method mode with a compiled decode step: (selector, (threshold, k), bytes of one
+        # weight row, bytes of the selector's own weights)
+        self._method_fast = None
+        if state.mode == "method" and state.fast_method and self._indexed is not None:
+            selector = state.method.fast_selector(spec.index, state.activation)
+            row = spec.down_proj.out_features * spec.down_proj.weight.element_size()
+            self._method_fast = (selector, state.method.fast_rule(spec.index, self.n_neurons),
+                                 row, selector.nbytes)
         self.static_mask = None
         if static_idx is not None:
             self.static_mask = torch.zeros(self.n_neurons, dtype=torch.bool)
@@ -271,6 +280,7 @@ class SparseMLP(nn.Module):
         self._selector = self._form = None
         self._weights = None
         self._mlp_weights = None
+        self._method_fast = None
 
     @property
     def last_mask(self) -> torch.Tensor:
@@ -380,6 +390,8 @@ class SparseMLP(nn.Module):
         decode = x.dim() == 2 or (x.dim() == 3 and x.shape[1] == 1)
         try:
             if self.rt.mode == "method":
+                if decode and self._method_fast is not None and x.numel() == x.shape[-1]:
+                    return self._decode_method_fast(x)
                 return self._run_method(x, "decode" if decode else "prefill")
             if decode:
                 return self._decode(x)
@@ -418,6 +430,37 @@ class SparseMLP(nn.Module):
             self._record(phase, x2.shape[0], None, StepTimes(predictor=t1 - t0, mlp=t2 - t1),
                          active=active)
         return y.reshape(x.shape)
+
+    def _decode_method_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """One decode row in method mode: the method's compiled selection (e.g. the 4-bit
+        shadow scores and a threshold), then the by-index kernel over the chosen rows;
+        the bytes read are counted as :meth:`_run_method` counts them."""
+        clock = self.rt.clock
+        t0 = clock()
+        x32 = x.detach().reshape(1, x.shape[-1])
+        x32 = (x32 if x32.dtype == torch.float32 else x32.to(torch.float32)).contiguous().numpy()
+        selector, (threshold, k), row, extra = self._method_fast
+        if k is None:
+            idx, mask = selector.select_unchecked(x32, threshold)
+        else:
+            idx, mask = selector.top_k_unchecked(x32, k)
+        t1 = clock()
+        y = self._indexed.run_unchecked(x32, idx)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        t2 = clock()
+        log = self.rt.bytes_read.get(self.layer_index)
+        if log is None:
+            log = self.rt.bytes_read[self.layer_index] = [0.0, 0, float(3 * self.n_neurons * row)]
+        log[0] += float(3 * len(idx) * row + extra)
+        log[1] += 1
+        if self.rt.record_stats:
+            self._record("decode", 1, mask, StepTimes(predictor=t1 - t0, mlp=t2 - t1), active=len(idx))
+        if self._observers:
+            computed = torch.zeros(self.n_neurons, dtype=torch.bool)
+            computed[torch.from_numpy(np.asarray(idx, dtype=np.int64))] = True
+            self._report(x, "decode", computed)
+        return y.view(x.shape)
 
     def _prefill_dense(self, x: torch.Tensor) -> torch.Tensor:
         clock = self.rt.clock

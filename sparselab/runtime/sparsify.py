@@ -156,7 +156,11 @@ def sparsify(
     - ``kernel``: ``"fast"`` (sparselab._fast) or ``"torch"`` (index_select + matmul).
     - ``method``: a fitted :class:`~sparselab.prediction.selection.SelectionMethod`
       (mode ``"method"``, also when passed as ``predictors``); ``prefill``, ``use_cache``,
-      ``union`` and ``kernel`` do not apply to it (every token gets its own selection).
+      ``union`` do not apply to it (every token gets its own selection). With
+      ``kernel="fast"`` a method that has a compiled decode step (``method.fast_decode``:
+      ``Shadow(..., x_bits=8)``) runs single-row decode steps as its compiled selection
+      then the by-index kernel over the chosen rows (the same rows as its ``select``, up
+      to float32 rounding at the threshold); prefill and batched steps stay in torch.
     - ``weight_file``: an :class:`~sparselab.runtime.weight_file.MLPWeightFile` (or its
       path) written from this model: the sparsified layers' MLP weights are then dropped
       from RAM and read from the memory-mapped file (the cache's rows are filled from it,
@@ -246,6 +250,10 @@ def sparsify(
         raise ValueError(f"weights={weights!r} quantizes a float32 model, the model is {dtype}")
 
     static_idx: dict[int, torch.Tensor] = {}
+    # a method with a compiled decode step (Shadow(bits=4, x_bits=8)): decode steps run its
+    # selection and the by-index kernel; other calls compute its selection in torch
+    fast_method = (mode == "method" and kernel == "fast" and weights == "model"
+                   and bool(getattr(method, "fast_decode", False)))
     if mode == "predicted":
         if predictors is None:
             raise ValueError('mode="predicted" needs predictors (sl.train_predictors(...)); '
@@ -293,7 +301,7 @@ def sparsify(
             raise ValueError("static_neurons has no set for any layer of this model")
         static_idx = _check_static(static_neurons, adapter, chosen)
 
-    if mode not in ("oracle", "method"):
+    if mode not in ("oracle", "method") or fast_method:
         if any(getattr(adapter.layers[i].down_proj, "bias", None) is not None
                or (adapter.layers[i].gate_proj.bias is not None) for i in chosen):
             raise ValueError("the sparse kernels do not support MLP biases; use mode='oracle'")
@@ -325,7 +333,7 @@ def sparsify(
                        rule=rule, prefill=prefill, use_cache=use_cache, union=union,
                        kernel=kernel, record_stats=record_stats, method=method,
                        window=int(cache_window), weight_file=weight_file, prefetch=bool(prefetch),
-                       cache_capacity=cache_capacity)
+                       cache_capacity=cache_capacity, fast_method=fast_method)
     config = {
         "mode": mode, "layers": list(chosen), "prefill": prefill, "use_cache": use_cache,
         "union": union, "kernel": kernel, "density": density,
@@ -335,7 +343,7 @@ def sparsify(
         "activation": adapter.activation, "dtype": str(dtype).replace("torch.", ""),
         "cache_window": int(cache_window), "prefetch": bool(prefetch), "cache_capacity": cache_capacity,
         "weight_file": None if weight_file is None else str(weight_file.path),
-        "weights": weights,
+        "weights": weights, "fast_method_decode": fast_method,
     }
     if method is not None:
         config["method"] = method.describe()
@@ -357,7 +365,8 @@ def sparsify(
             int8 = (_quantize_layer(spec, originals, 32 if weights == "int8" else None)
                     if weights != "model" else None)
             down_t = (transpose_in_place(down, scratch)
-                      if mode not in ("oracle", "method") and weight_file is None else None)
+                      if (mode not in ("oracle", "method") or fast_method) and weight_file is None
+                      else None)
             try:
                 wrapper = SparseMLP(spec, runtime, act_fn, down_t=down_t,
                                     static_idx=static_idx.get(i), int8=int8)

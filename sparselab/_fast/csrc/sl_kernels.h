@@ -8,7 +8,7 @@
  * Nothing here is compiled for the build machine's instruction set: each vector version
  * carries its own `target` attribute and runs only if the CPU reports the features
  * (`__builtin_cpu_supports`), so one .so runs on any x86-64 (and the portable C version
- * on anything else). Paths, in order: portable < avx2 (+fma) < avx512 (f, bw, vl) <
+ * on anything else). Paths, in order: portable < avx2 (+fma, f16c) < avx512 (f, bw, vl) <
  * avx512bf16 (the bf16 dot products use vdpbf16ps; everything else as avx512).
  *
  * Weights: float32, bfloat16 (raw uint16 bits; widening is exact: the bits are the high
@@ -42,7 +42,8 @@ static int sl_isa_supported(int isa) {
     if (isa == SL_PORTABLE) return 1;
 #if SL_X86
     __builtin_cpu_init();
-    if (isa >= SL_AVX2 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")))
+    if (isa >= SL_AVX2 && !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                            __builtin_cpu_supports("f16c")))
         return 0;
     if (isa >= SL_AVX512 && !(__builtin_cpu_supports("avx512f") &&
                               __builtin_cpu_supports("avx512bw") &&
