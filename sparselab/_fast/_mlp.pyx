@@ -83,14 +83,8 @@ ACT_SILU = 0
 ACT_GELU_TANH = 1
 ACT_RELU = 2
 
-cdef inline float _act(float v, int act) noexcept nogil:
-    if act == 0:
-        # silu; for very negative v expf(-v) is +inf and the result is -0.0, not NaN
-        return v / (1.0 + expf(-v))
-    elif act == 1:
-        return 0.5 * v * (1.0 + tanhf(0.7978845608028654 * (v + 0.044715 * v * v * v)))
-    else:
-        return v if v > 0 else 0.0
+cdef extern from "csrc/sl_act.h":
+    float _act "sl_act"(float v, int act) noexcept nogil
 
 
 # bytes of the next pair's rows prefetched before a pair's dot products

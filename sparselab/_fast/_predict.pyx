@@ -126,14 +126,8 @@ cdef extern from "csrc/sl_shadow.h":
                          float* u) noexcept nogil
 
 
-cdef inline float _shadow_act(float v, int act) noexcept nogil:
-    # the codes of sparselab._fast._mlp: 0 silu, 1 gelu_tanh, 2 relu
-    if act == 0:
-        return v / (1.0 + expf(-v))
-    elif act == 1:
-        return 0.5 * v * (1.0 + tanhf(0.7978845608028654 * (v + 0.044715 * v * v * v)))
-    else:
-        return v if v > 0 else 0.0
+cdef extern from "csrc/sl_act.h":
+    float _shadow_act "sl_act"(float v, int act) noexcept nogil  # codes as in _mlp
 
 
 def shadow_prep_x(const float[:, ::1] x, long group):

@@ -20,13 +20,12 @@ dot products are exact in int32 within a group, summed over groups in float32 (s
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from sparselab._fast import _predict
 from sparselab._fast._validate import activation_code, check_threads
+from sparselab._fast.selector import DecodeSelector
 
 __all__ = ["ShadowSelector", "pack_shadow", "quantize_x"]
 
@@ -85,7 +84,7 @@ def pack_shadow(gate_codes: torch.Tensor, gate_scales: torch.Tensor, up_codes: t
     return np.ascontiguousarray(codes), np.ascontiguousarray(bits)
 
 
-class ShadowSelector:
+class ShadowSelector(DecodeSelector):
     """Scores and selection of the shadow method for one layer (see module docstring)."""
 
     def __init__(self, gate_codes, gate_scales, up_codes, up_scales, group: int = 64,
@@ -104,16 +103,6 @@ class ShadowSelector:
         real neurons; a padded last block reads up to 7 rows more)."""
         return int(2 * self.n_neurons * (self.hidden // 2 + 2 * self.hidden // self.group))
 
-    def _nt(self) -> int:
-        return self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
-
-    def _rows(self, x) -> np.ndarray:
-        if not isinstance(x, torch.Tensor) or x.device.type != "cpu":
-            raise ValueError(f"x must be a CPU torch tensor, got {type(x).__name__}")
-        if x.dim() not in (1, 2) or x.shape[-1] != self.hidden:
-            raise ValueError(f"x must be [batch, {self.hidden}] or [{self.hidden}], got shape {tuple(x.shape)}")
-        return x.detach().reshape(-1, self.hidden).to(torch.float32).contiguous().numpy()
-
     def scores(self, x) -> np.ndarray:
         """float32 ``[B, N]``: ``|act(g~) * u~|``."""
         return self._scorer.scores(self._rows(x), self._nt())
@@ -122,30 +111,8 @@ class ShadowSelector:
         """float32 ``[B, N, 2]``: the approximate gate and up dot products."""
         return self._scorer.gate_up(self._rows(x), self._nt())
 
-    def __call__(self, x, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        threshold = float(threshold)
-        if math.isnan(threshold):
-            raise ValueError("threshold is NaN")
-        return self.select_unchecked(self._rows(x), threshold)
-
-    def top_k(self, x, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The union over the rows of ``x`` of each row's ``k`` highest scores."""
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= self.n_neurons:
-            raise ValueError(f"k must be an int in [0, {self.n_neurons}], got {k!r}")
-        return self.top_k_unchecked(self._rows(x), int(k))
-
     def select_unchecked(self, x32: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-        """``self(x, threshold)`` for checked arguments (``x32`` float32 C-contiguous [B, H])."""
         return self._scorer.select(x32, threshold, self._nt())
 
-    def top_k_unchecked(self, x32: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`top_k` for checked arguments."""
-        n = self.n_neurons
-        mask = np.zeros(n, dtype=np.bool_)
-        if k >= n:
-            mask[:] = True
-        elif k:
-            scores = self._scorer.scores(x32, self._nt())
-            best = np.argpartition(scores, n - k, axis=1)[:, n - k:]
-            mask[best.ravel()] = True
-        return np.flatnonzero(mask), mask
+    def scores_unchecked(self, x32: np.ndarray) -> np.ndarray:
+        return self._scorer.scores(x32, self._nt())
