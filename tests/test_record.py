@@ -18,7 +18,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import sparselab as sl
 from sparselab.recording import Recorder, record
-from sparselab.testing.tiny import tiny_llama, word_tokenizer
+from sparselab.testing.tiny import WORD_TOKEN_IDS, tiny_llama, word_tokenizer
 
 N_LAYERS, HIDDEN, NEURONS, VOCAB = 3, 32, 48, 100
 TEXTS = [
@@ -35,8 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
-                      num_layers=N_LAYERS, max_position_embeddings=64, pad_token_id=0,
-                      bos_token_id=None, eos_token_id=2)
+                      num_layers=N_LAYERS, max_position_embeddings=64, **WORD_TOKEN_IDS)
 
 
 @pytest.fixture(scope="module")

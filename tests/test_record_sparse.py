@@ -18,7 +18,7 @@ import sparselab as sl
 from sparselab.recording import Recorder, record
 from sparselab.recording.trace_file import TraceFileError
 from sparselab.runtime import SparseMLP, sparsify
-from sparselab.testing.tiny import tiny_llama, word_tokenizer
+from sparselab.testing.tiny import WORD_TOKEN_IDS, tiny_llama, word_tokenizer
 
 N_LAYERS, HIDDEN, NEURONS, VOCAB = 3, 32, 80, 100  # 80 neurons: a partial last word
 TEXTS = ["w10 w11 w12 w13 w14 w15", "w40 w41 w42", "w50 w51 w52 w53 w54", "w60 w61",
@@ -28,11 +28,14 @@ PROMPTS = ["w10 w11 w12 w13", "w44 w45"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def tiny_model():
+    return tiny_llama(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
+                      num_layers=N_LAYERS, max_position_embeddings=64, **WORD_TOKEN_IDS)
+
+
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
-                      num_layers=N_LAYERS, max_position_embeddings=64, pad_token_id=0,
-                      bos_token_id=None, eos_token_id=2)
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -220,9 +223,7 @@ def test_int8_weights_record_the_dequantized_h(model, tokenizer, predictors):
 def test_weights_on_disk_record_the_files_rows(tokenizer, predictors, tmp_path, dtype, capacity):
     from sparselab.runtime.weight_file import write_mlp_file
 
-    model = tiny_llama(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
-                       num_layers=N_LAYERS, max_position_embeddings=64, pad_token_id=0,
-                       bos_token_id=None, eos_token_id=2).to(dtype)
+    model = tiny_model().to(dtype)
     weights = {i: (layer.mlp.gate_proj.weight.detach().double().clone(),
                    layer.mlp.up_proj.weight.detach().double().clone())
                for i, layer in enumerate(model.model.layers)}

@@ -22,12 +22,12 @@ import torch
 import sparselab as sl
 from sparselab.recording import TOKEN_FIELDS, RecordingTooLarge, estimate_trace_bytes
 from sparselab.recording.zarr_store import StoreMismatch, ZarrTrace, convert
-from sparselab.testing.tiny import tiny_llama, word_tokenizer
+from sparselab.testing.tiny import WORD_TOKEN_IDS, tiny_llama, word_tokenizer
 
 VOCAB = 100
 TEXTS = [" ".join(f"w{(i * 7 + j) % 90 + 5}" for j in range(3 + i % 9)) for i in range(13)]
 MODEL_ARGS = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=3,
-                  max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=2)
+                  max_position_embeddings=64, **WORD_TOKEN_IDS)
 
 
 

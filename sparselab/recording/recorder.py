@@ -529,12 +529,11 @@ class Recorder:
 
     def _meta(self) -> dict[str, Any]:
         from sparselab._version import versions
-        from sparselab.models.fingerprint import mlp_fingerprint, weight_fingerprint
+        from sparselab.models.fingerprint import mlp_fingerprint
 
         meta = {
             "model": model_identity(self.model),
-            "model_check": {"identity": model_identity(self.model),
-                            "weights": weight_fingerprint(self.model)},
+            "model_check": _model_check(self.model),
             # rounding-tolerant: predictors trained on this trace keep it (Predictors.load checks)
             "mlp_fingerprint": mlp_fingerprint(self.model),
             "activation": self.adapter.activation,
@@ -709,12 +708,19 @@ def _record_checked(model, tokenizer, texts, max_length, batch_size, layers, sto
     return trace
 
 
+def _model_check(model: nn.Module) -> dict[str, Any]:
+    """What a store's ``meta["model_check"]`` holds and a resume compares: the model's
+    identity and an exact fingerprint of its weights."""
+    from sparselab.models.fingerprint import weight_fingerprint
+
+    return {"identity": model_identity(model), "weights": weight_fingerprint(model)}
+
+
 def _open_writer(model, tokenizer, texts, out, resume, layers, store, dtype, max_length, batch_size,
                  chunk_tokens, compression, masks):
     """The store to write into and the first passage to record (checks before any work)."""
     from pathlib import Path
 
-    from sparselab.models.fingerprint import weight_fingerprint
     from sparselab.recording.zarr_store import StoreMismatch, ZarrWriter, text_digest
 
     adapter = adapter_for(model)
@@ -726,8 +732,7 @@ def _open_writer(model, tokenizer, texts, out, resume, layers, store, dtype, max
                    "sparse": _sparse_meta(_sparse_wrappers(adapter, config["layers"]))})
     path = Path(out)
     if path.exists() and resume:
-        check = {"identity": model_identity(model), "weights": weight_fingerprint(model)}
-        writer = ZarrWriter.resume(path, config, check)
+        writer = ZarrWriter.resume(path, config, _model_check(model))
         done = list(writer.progress["passages"])
         if len(done) > len(texts):
             raise StoreMismatch(f"{path} holds {len(done)} passages, more than the {len(texts)} given")

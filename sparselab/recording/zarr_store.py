@@ -131,7 +131,7 @@ class ZarrWriter:
         self._background, self._jobs = background, None
         self.layers = tuple(header["layers"])
         # write every chunk as is: zarr's default first scans each chunk for being all
-        # fill value (to skip writing it), about a quarter of the writer's CPU time here
+        # fill value (to skip writing it), a full pass over every batch's data
         def writable(name):
             return group[name].with_config({"write_empty_chunks": True})
 

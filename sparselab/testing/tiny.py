@@ -34,6 +34,11 @@ def tiny_llama(*, vocab_size: int, hidden_size: int = 64, intermediate_size: int
     return LlamaForCausalLM(cfg).eval()
 
 
+#: the special ids of :func:`word_tokenizer` for :func:`tiny_llama`'s config:
+#: ``tiny_llama(vocab_size=100, **WORD_TOKEN_IDS)`` pads and stops as the tokenizer does
+WORD_TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": 2}
+
+
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer built in memory for :func:`tiny_llama`'s vocabulary:
     ``"wN"`` -> id N, ``[PAD]`` = 0, ``[UNK]`` = 1, ``[EOS]`` = 2 (no download)."""
