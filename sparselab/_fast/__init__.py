@@ -72,12 +72,14 @@ __all__ = [
 
 def info() -> dict:
     """How this build runs: OpenMP, the instruction-set path in use and the ones this CPU
-    supports (see :mod:`sparselab._fast.isa`), threads.
+    supports (see :mod:`sparselab._fast.isa`), the instructions of the int8-x dot products
+    at that path (``"int8_dot"``: vpdpbusd, vpmaddubsw or portable), threads.
 
         >>> _fast.info()["isa"]
         'avx512bf16'
     """
     b = _mlp.build_info()
     return {"openmp": b["openmp"], "isa": isa.current(), "supported_isas": isa.supported(),
-            "simd": [isa.current()], "omp_max_threads": b["omp_max_threads"],
+            "simd": [isa.current()], "int8_dot": _mlp.int8_dot_path(),
+            "omp_max_threads": b["omp_max_threads"],
             "max_threads": torch.get_num_threads()}

@@ -93,6 +93,15 @@ def check_threads(n_threads) -> int:
     return int(n_threads)
 
 
+def check_x_int8(x_int8, dtype: torch.dtype) -> bool:
+    """``x_int8`` is a bool, and True only for int8 weights (the integer dot products)."""
+    if not isinstance(x_int8, (bool, np.bool_)):
+        raise ValueError(f"x_int8 must be True or False, got {x_int8!r}")
+    if x_int8 and dtype != torch.int8:
+        raise ValueError(f"x_int8=True needs int8 weights (quantize_int8), got {dtype}")
+    return bool(x_int8)
+
+
 def check_weight(t, name: str, dtype=None) -> tuple[torch.Tensor, np.ndarray]:
     """Check a 2-D CPU weight and return it with a numpy view of its bits (uint16 for bf16).
     An :class:`~sparselab._fast.quant.Int8Rows` gives its int8 tensor (dtype ``torch.int8``;

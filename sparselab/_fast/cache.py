@@ -22,6 +22,7 @@ from sparselab._fast._validate import (
     check_tail,
     check_threads,
     check_weight,
+    check_x_int8,
     finish,
     n_words,
     prep_x,
@@ -383,22 +384,26 @@ class WeightCache:
 
     # -- forward
 
-    def forward(self, x, activation: str, n_threads=None, out_dtype=None) -> torch.Tensor:
+    def forward(self, x, activation: str, n_threads=None, out_dtype=None,
+                x_int8: bool = False) -> torch.Tensor:
         """The sparse MLP over the cache's contiguous active rows.
 
             >>> y = cache.forward(x, "silu")      # x [B, H] or [H] in the weights' dtype
 
         Returns ``sum_s down_t[s] * act(gate[s] . x) * (up[s] . x)`` in ``out_dtype``
         (default: the weights' dtype), float32 accumulation. An empty cache returns zeros.
+        ``x_int8`` (int8 weights only): gate and up read x rounded to int8 per group of 64
+        channels, in integer dot products (see :class:`~sparselab._fast.kernels.IndexedMLP`).
         """
         code = activation_code(activation)
         nt = check_threads(n_threads)
         od = resolve_out_dtype(out_dtype, self._dtype)
+        check_x_int8(x_int8, self._dtype)
         x32, was_1d = prep_x(x, self._hidden, self._dtype)
         y = torch.empty(x32.shape, dtype=torch.float32)
         if x32.shape[0]:
             _mlp.cache_forward(self._gu_np, self._dt_np, self._n, x32, y.numpy(), code, nt,
-                               self._sc)
+                               self._sc, bool(x_int8))
         return finish(y, was_1d, od)
 
     __call__ = forward

@@ -20,6 +20,7 @@ from sparselab._fast._validate import (
     check_bundle,
     check_threads,
     check_weight,
+    check_x_int8,
     finish,
     prep_x,
     resolve_out_dtype,
@@ -69,9 +70,16 @@ class IndexedMLP:
 
     Holds references to the weights (no copy). ``n_threads`` defaults to
     ``torch.get_num_threads()`` at each call.
+
+    ``x_int8`` (int8 weights only): the gate and up dot products read x rounded to int8 per
+    group of 64 channels (``sx = max|x| / 127`` per group) and run on integers
+    (``vpdpbusd`` with AVX512-VNNI, ``vpmaddubsw`` on AVX2; ``_fast.info()["int8_dot"]``
+    names the path). That is a different model from float x: the result equals the float
+    computation over the dequantized x (see ``sparselab._fast.quant.round_x_int8``).
     """
 
-    def __init__(self, gate_weight, up_weight, down_t, activation: str, n_threads=None) -> None:
+    def __init__(self, gate_weight, up_weight, down_t, activation: str, n_threads=None,
+                 x_int8: bool = False) -> None:
         self._code = activation_code(activation)
         self._n_threads = None if n_threads is None else check_threads(n_threads)
         gate, self._gate_np = check_weight(gate_weight, "gate_weight")
@@ -88,6 +96,7 @@ class IndexedMLP:
             # per neuron: (gate, up, down) scale, read by the kernel next to the rows
             self._scales = stacked_scales(gate_weight, up_weight, down_t)
         self._weights = (gate, up, dt)  # keep the tensors the numpy views point into alive
+        self.x_int8 = check_x_int8(x_int8, gate.dtype)
         self.dtype = gate.dtype
         self.n_neurons, self.hidden = int(gate.shape[0]), int(gate.shape[1])
 
@@ -106,7 +115,7 @@ class IndexedMLP:
         if x32.shape[0]:
             nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
             _mlp.index_forward(self._gate_np, self._up_np, self._dt_np, idx, x32, y.numpy(),
-                               self._code, nt, self._scales)
+                               self._code, nt, self._scales, self.x_int8)
         return y
 
 

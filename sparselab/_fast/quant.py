@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Int8Blocks", "Int8Rows", "load_int8", "quantize_int8", "save_int8"]
+__all__ = ["Int8Blocks", "Int8Rows", "load_int8", "quantize_int8", "round_x_int8", "save_int8"]
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,28 @@ def quantize_int8(w, block: int | None = None):
     i, h = w.shape
     q, scale = _absmax_quant(w.reshape(i, h // block, block))
     return Int8Blocks(q.reshape(i, h).contiguous(), scale, block)
+
+
+def round_x_int8(x: torch.Tensor, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x as the int8-x kernels read it: rounded to int8 per group of ``group`` channels.
+
+        >>> xq, sx = round_x_int8(x)             # x [..., H] float
+        >>> x_seen = xq.float() * sx.repeat_interleave(64, -1)[..., :H]
+
+    ``sx = max |x| / 127`` per group (the last group may be short), ``xq = round(x / sx)``
+    (half to even, clamped to +-127; a group of zeros gives 0), in float32 exactly as
+    ``csrc/sl_qdot.h`` computes them. Returns (int8 ``xq`` like ``x``, float32 ``sx``
+    ``[..., ceil(H / group)]``).
+    """
+    x = x.detach().to(torch.float32)
+    h = x.shape[-1]
+    ng = -(-h // group)
+    pad = torch.nn.functional.pad(x, (0, ng * group - h)).reshape(*x.shape[:-1], ng, group)
+    sx = pad.abs().amax(-1) / 127.0
+    inv = torch.where(sx > 0, 1.0 / torch.where(sx > 0, sx, torch.ones_like(sx)),
+                      torch.zeros_like(sx))
+    xq = torch.round(pad * inv[..., None]).clamp_(-127, 127)
+    return xq.reshape(*x.shape[:-1], ng * group)[..., :h].to(torch.int8), sx
 
 
 def save_int8(path, weights: dict, metadata: dict[str, str] | None = None) -> None:

@@ -168,9 +168,11 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
     torch.set_num_threads(max(threads))
 
 
-FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row")
-# bytes read per weight: int8 blocks of 32 carry one float32 scale per 32 weights
-FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8_b32": 1.125, "int8_row": 1.0}
+FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row", "int8_b32_x8", "int8_row_x8")
+# bytes read per weight: int8 blocks of 32 carry one float32 scale per 32 weights; "_x8":
+# the same weights with x rounded to int8 for gate and up (integer dot products)
+FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8_b32": 1.125, "int8_row": 1.0,
+                "int8_b32_x8": 1.125, "int8_row_x8": 1.0}
 
 
 def format_weights(g32, u32, d32):
@@ -181,7 +183,7 @@ def format_weights(g32, u32, d32):
     out = {"float32": (g32, u32, dt32),
            "bfloat16": tuple(t.to(torch.bfloat16) for t in (g32, u32, dt32))}
     for name, block in (("int8_b32", 32), ("int8_row", None)):
-        out[name] = tuple(quantize_int8(t, block) for t in (g32, u32, dt32))
+        out[name] = out[name + "_x8"] = tuple(quantize_int8(t, block) for t in (g32, u32, dt32))
     return out
 
 
@@ -217,9 +219,10 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
             for f in FORMATS:
                 g, u, dt = fw[f]
                 xf = x32.to(torch.bfloat16) if f == "bfloat16" else x32
+                x8 = f.endswith("_x8")
                 cache = _fast.WeightCache(g, u, down_t=dt)
                 cache.update(mask)
-                im = _fast.IndexedMLP(g, u, dt, "silu", nt)
+                im = _fast.IndexedMLP(g, u, dt, "silu", nt, x_int8=x8)
                 for path in [best] + (extra if f == "bfloat16" else []):
                     def run_isa(fn, path=path):
                         def call():
@@ -230,10 +233,11 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
                         return call
                     tag = f"{f}" if path == best else f"{f}@{path}"
                     fns[f"cache_kernel/{tag}"] = run_isa(
-                        lambda c=cache, xf=xf, nt=nt: c.forward(xf, "silu", n_threads=nt))
+                        lambda c=cache, xf=xf, nt=nt, x8=x8: c.forward(xf, "silu", n_threads=nt,
+                                                                       x_int8=x8))
                     fns[f"index_kernel/{tag}"] = run_isa(
                         lambda im=im, xf=xf, idx=idx: im(xf, idx))
-                if f.startswith("int8"):
+                if f.startswith("int8") and not x8:
                     fns[f"dense_kernel/{f}"] = lambda im=im, xf=xf: im(xf, all_idx)
             t = interleaved(fns, reps)
             med = {k: stats_ms(v)[0] for k, v in t.items()}

@@ -2,8 +2,10 @@
  * time.
  *
  *     sl_isa_init();                          // best path this CPU runs (or $SPARSELAB_ISA)
- *     sl_dot4_f32(w0, w1, w2, w3, x, xp, h, out);   // four dot products with x
- *     sl_axpy4_f32(y, d0, d1, d2, d3, a, k0, k1);  // y[k] += sum_i a[i] * d_i[k]
+ *     sl_dot4_f32(w0, w1, w2, w3, x, h, out, nx);      // four dot products with x
+ *     sl_axpy4_f32(y, d0, d1, d2, d3, a, k0, k1, nx);  // y[k] += sum_i a[i] * d_i[k]
+ *
+ * `nx`: the next four rows to prefetch while these stream (SL_PF4 below), or NULL.
  *
  * Nothing here is compiled for the build machine's instruction set: each vector version
  * carries its own `target` attribute and runs only if the CPU reports the features
@@ -75,15 +77,41 @@ static inline uint16_t sl_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+/* Prefetch of the rows that come next. A kernel that streams rows picked by index starts
+ * a new memory stream at every row, and the hardware prefetcher needs several lines of a
+ * stream before it runs ahead, so short rows (bf16, int8) wait on memory at every row
+ * start. The loops below therefore take `nx`, the next group's rows (four byte pointers,
+ * or NULL), and for every 64 bytes they consume of their own rows they prefetch the same
+ * line of the next rows into L2: the next group is in cache when it starts, and there is
+ * never a burst of prefetches that would crowd out the loads of the current rows (one
+ * whole row at a time measured slower). */
+#define SL_PF4(nx, off) do {                                                          \
+        __builtin_prefetch((nx)[0] + (off), 0, 2); __builtin_prefetch((nx)[1] + (off), 0, 2); \
+        __builtin_prefetch((nx)[2] + (off), 0, 2); __builtin_prefetch((nx)[3] + (off), 0, 2); \
+    } while (0)
+/* once per cache line of the current rows: element k of a row of T */
+#define SL_PF4_AT(nx, T, k) do {                                                       \
+        long o_ = (long)(k) * (long)sizeof(T);                                         \
+        if ((nx) && (o_ & 63) == 0) SL_PF4(nx, o_);                                    \
+    } while (0)
+/* every line of elements [k0, k1) at once (the portable loops, which must stay free of
+ * branches in their inner loop to vectorise) */
+#define SL_PF4_RANGE(nx, T, k0, k1) do {                                               \
+        if (nx) for (long o_ = (long)(k0) * (long)sizeof(T) & ~63L;                    \
+                     o_ < (long)(k1) * (long)sizeof(T); o_ += 64) SL_PF4(nx, o_);      \
+    } while (0)
+typedef const char* const* sl_next;
+
 /* ---------------------------------------------------------------- portable C ------ */
 /* dot products: reassociation (-ffast-math) lets the compiler vectorise for the baseline
  * (SSE2 on x86-64). axpy: reassociation off, so vector body and tail round alike. */
 #define SL_DOT4_PORTABLE(NAME, T, LD)                                                     \
     static void NAME(const T* w0, const T* w1, const T* w2, const T* w3, const float* x,  \
-                     long h, float* out) {                                                \
+                     long h, float* out, sl_next nx) {                                    \
         float s0 = 0, s1 = 0, s2 = 0, s3 = 0;                                             \
         for (long k0 = 0; k0 < h; k0 += 256) {                                            \
             long k1 = k0 + 256 < h ? k0 + 256 : h;                                        \
+            SL_PF4_RANGE(nx, T, k0, k1);                                                  \
             float b0 = 0, b1 = 0, b2 = 0, b3 = 0;                                         \
             for (long k = k0; k < k1; k++) {                                              \
                 float xv = x[k];                                                          \
@@ -106,8 +134,9 @@ SL_DOT4_PORTABLE(sl_dot4_i8_c, int8_t, SL_LD_I8)
 #pragma GCC optimize ("no-associative-math")
 #define SL_AXPY4_PORTABLE(NAME, T, LD)                                                    \
     static void NAME(float* y, const T* d0, const T* d1, const T* d2, const T* d3,        \
-                     const float* a, long k0, long k1) {                                  \
+                     const float* a, long k0, long k1, sl_next nx) {                      \
         float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];                                 \
+        SL_PF4_RANGE(nx, T, k0, k1);                                                      \
         for (long k = k0; k < k1; k++) {                                                  \
             float acc = y[k];                                                             \
             acc += a0 * LD(d0[k]); acc += a1 * LD(d1[k]);                                 \
@@ -122,7 +151,8 @@ SL_AXPY4_PORTABLE(sl_axpy4_i8_c, int8_t, SL_LD_I8)
 #define SL_QB 32
 static void sl_axpy4_i8b_c(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
                            const int8_t* d3, const float* c0, const float* c1, const float* c2,
-                           const float* c3, const float* a, long k0, long k1) {
+                           const float* c3, const float* a, long k0, long k1, sl_next nx) {
+    SL_PF4_RANGE(nx, int8_t, k0, k1);
     for (long kb = k0; kb < k1; kb += SL_QB) {
         long b = kb / SL_QB;
         float a0 = a[0] * c0[b], a1 = a[1] * c1[b], a2 = a[2] * c2[b], a3 = a[3] * c3[b];
@@ -139,9 +169,10 @@ static void sl_axpy4_i8b_c(float* y, const int8_t* d0, const int8_t* d1, const i
 /* int8 with one scale per block of 32 weights (h a multiple of 32): c_i[k / 32] */
 static void sl_dot4_i8b_c(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                           const int8_t* w3, const float* c0, const float* c1, const float* c2,
-                          const float* c3, const float* x, long h, float* out) {
+                          const float* c3, const float* x, long h, float* out, sl_next nx) {
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (long k0 = 0; k0 < h; k0 += SL_QB) {
+        SL_PF4_AT(nx, int8_t, k0);
         float b0 = 0, b1 = 0, b2 = 0, b3 = 0;
         for (long k = k0; k < k0 + SL_QB; k++) {
             float xv = x[k];
@@ -181,10 +212,11 @@ SL_T_AVX2 static inline __m256 sl_ld8_i8(const int8_t* p) {
 
 #define SL_DOT4_AVX2(NAME, T, LD8, LD)                                                    \
     SL_T_AVX2 static void NAME(const T* w0, const T* w1, const T* w2, const T* w3,        \
-                               const float* x, long h, float* out) {                      \
+                               const float* x, long h, float* out, sl_next nx) {          \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
         long k = 0;                                                                       \
         for (; k + 8 <= h; k += 8) {                                                      \
+            SL_PF4_AT(nx, T, k);                                                          \
             __m256 xv = _mm256_loadu_ps(x + k);                                           \
             a0 = _mm256_fmadd_ps(LD8(w0 + k), xv, a0);                                    \
             a1 = _mm256_fmadd_ps(LD8(w1 + k), xv, a1);                                    \
@@ -207,11 +239,13 @@ SL_DOT4_AVX2(sl_dot4_i8_avx2, int8_t, sl_ld8_i8, SL_LD_I8)
 /* tail: the same fused multiply-adds, one element at a time */
 #define SL_AXPY4_AVX2(NAME, T, LD8, LD)                                                   \
     SL_T_AVX2 static void NAME(float* y, const T* d0, const T* d1, const T* d2,           \
-                               const T* d3, const float* a, long k0, long k1) {           \
+                               const T* d3, const float* a, long k0, long k1,             \
+                               sl_next nx) {                                              \
         __m256 a0 = _mm256_set1_ps(a[0]), a1 = _mm256_set1_ps(a[1]),                      \
                a2 = _mm256_set1_ps(a[2]), a3 = _mm256_set1_ps(a[3]);                      \
         long k = k0;                                                                      \
         for (; k + 8 <= k1; k += 8) {                                                     \
+            SL_PF4_AT(nx, T, k);                                                          \
             __m256 acc = _mm256_loadu_ps(y + k);                                          \
             acc = _mm256_fmadd_ps(LD8(d0 + k), a0, acc);                                  \
             acc = _mm256_fmadd_ps(LD8(d1 + k), a1, acc);                                  \
@@ -247,9 +281,10 @@ SL_T_AVX2 static float sl_dot1_f32_avx2(const float* a, const float* b, long n) 
 SL_T_AVX2 static void sl_dot4_i8b_avx2(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                        const int8_t* w3, const float* c0, const float* c1,
                                        const float* c2, const float* c3, const float* x,
-                                       long h, float* out) {
+                                       long h, float* out, sl_next nx) {
     __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
     for (long k0 = 0; k0 < h; k0 += SL_QB) {
+        SL_PF4_AT(nx, int8_t, k0);
         __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
         for (long k = k0; k < k0 + SL_QB; k += 8) {
             __m256 xv = _mm256_loadu_ps(x + k);
@@ -271,9 +306,10 @@ SL_T_AVX2 static void sl_dot4_i8b_avx2(const int8_t* w0, const int8_t* w1, const
 SL_T_AVX2 static void sl_axpy4_i8b_avx2(float* y, const int8_t* d0, const int8_t* d1,
                                         const int8_t* d2, const int8_t* d3, const float* c0,
                                         const float* c1, const float* c2, const float* c3,
-                                        const float* a, long k0, long k1) {
+                                        const float* a, long k0, long k1, sl_next nx) {
     for (long kb = k0; kb < k1; kb += SL_QB) {
         long b = kb / SL_QB;
+        SL_PF4_AT(nx, int8_t, kb);
         __m256 a0 = _mm256_set1_ps(a[0] * c0[b]), a1 = _mm256_set1_ps(a[1] * c1[b]),
                a2 = _mm256_set1_ps(a[2] * c2[b]), a3 = _mm256_set1_ps(a[3] * c3[b]);
         for (long k = kb; k < kb + SL_QB; k += 8) {
@@ -305,9 +341,10 @@ SL_T_512 static inline __m512 sl_ld16_i8(const int8_t* p, __mmask16 m) {
 
 #define SL_DOT4_512(NAME, T, LD16)                                                        \
     SL_T_512 static void NAME(const T* w0, const T* w1, const T* w2, const T* w3,         \
-                              const float* x, long h, float* out) {                       \
+                              const float* x, long h, float* out, sl_next nx) {           \
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
         for (long k = 0; k < h; k += 16) {                                                \
+            SL_PF4_AT(nx, T, k);                                                          \
             __mmask16 m = h - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (h - k)) - 1); \
             __m512 xv = _mm512_maskz_loadu_ps(m, x + k);                                  \
             a0 = _mm512_fmadd_ps(LD16(w0 + k, m), xv, a0);                                \
@@ -324,10 +361,12 @@ SL_DOT4_512(sl_dot4_i8_512, int8_t, sl_ld16_i8)
 
 #define SL_AXPY4_512(NAME, T, LD16)                                                       \
     SL_T_512 static void NAME(float* y, const T* d0, const T* d1, const T* d2,            \
-                              const T* d3, const float* a, long k0, long k1) {            \
+                              const T* d3, const float* a, long k0, long k1,              \
+                              sl_next nx) {                                               \
         __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]),                      \
                a2 = _mm512_set1_ps(a[2]), a3 = _mm512_set1_ps(a[3]);                      \
         for (long k = k0; k < k1; k += 16) {                                              \
+            SL_PF4_AT(nx, T, k);                                                          \
             __mmask16 m = k1 - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k1 - k)) - 1); \
             __m512 acc = _mm512_maskz_loadu_ps(m, y + k);                                 \
             acc = _mm512_fmadd_ps(LD16(d0 + k, m), a0, acc);                              \
@@ -350,18 +389,16 @@ SL_T_512 static float sl_dot1_f32_512(const float* a, const float* b, long n) {
     return _mm512_reduce_add_ps(s);
 }
 
-#ifndef SL_PF_BF16
-#define SL_PF_BF16 1024
-#endif
 SL_T_512 static inline __m512 sl_ld16_i8u(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 SL_T_512 static void sl_dot4_i8b_512(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                      const int8_t* w3, const float* c0, const float* c1,
                                      const float* c2, const float* c3, const float* x,
-                                     long h, float* out) {
+                                     long h, float* out, sl_next nx) {
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
     for (long k = 0; k < h; k += SL_QB) {
+        SL_PF4_AT(nx, int8_t, k);
         __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
         long b = k / SL_QB;
         __m512 b0 = _mm512_fmadd_ps(sl_ld16_i8u(w0 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w0 + k), x0));
@@ -379,9 +416,10 @@ SL_T_512 static void sl_dot4_i8b_512(const int8_t* w0, const int8_t* w1, const i
 SL_T_512 static void sl_axpy4_i8b_512(float* y, const int8_t* d0, const int8_t* d1,
                                       const int8_t* d2, const int8_t* d3, const float* c0,
                                       const float* c1, const float* c2, const float* c3,
-                                      const float* a, long k0, long k1) {
+                                      const float* a, long k0, long k1, sl_next nx) {
     for (long kb = k0; kb < k1; kb += SL_QB) {
         long b = kb / SL_QB;
+        SL_PF4_AT(nx, int8_t, kb);
         __m512 a0 = _mm512_set1_ps(a[0] * c0[b]), a1 = _mm512_set1_ps(a[1] * c1[b]),
                a2 = _mm512_set1_ps(a[2] * c2[b]), a3 = _mm512_set1_ps(a[3] * c3[b]);
         for (long k = kb; k < kb + SL_QB; k += 16) {
@@ -399,15 +437,10 @@ SL_T_512 static void sl_axpy4_i8b_512(float* y, const int8_t* d0, const int8_t* 
  * (The instruction treats bf16 subnormals as zero and rounds its fp32 sums to nearest.) */
 SL_T_BF16 static void sl_dot4_bf16_dp(const uint16_t* w0, const uint16_t* w1,
                                       const uint16_t* w2, const uint16_t* w3,
-                                      const uint16_t* xb, long h, float* out) {
+                                      const uint16_t* xb, long h, float* out, sl_next nx) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (long k = 0; k < h; k += 32) {
-        if (k + SL_PF_BF16 < h) {
-            _mm_prefetch((const char*)(w0 + k + SL_PF_BF16), _MM_HINT_T0);
-            _mm_prefetch((const char*)(w1 + k + SL_PF_BF16), _MM_HINT_T0);
-            _mm_prefetch((const char*)(w2 + k + SL_PF_BF16), _MM_HINT_T0);
-            _mm_prefetch((const char*)(w3 + k + SL_PF_BF16), _MM_HINT_T0);
-        }
+        SL_PF4_AT(nx, uint16_t, k);
         __mmask32 m = h - k >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << (h - k)) - 1);
         __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xb + k);
         a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + k), xv);
@@ -437,78 +470,78 @@ __attribute__((unused)) static void sl_prep_xb(const float* x, long n, uint16_t*
 }
 
 static inline void sl_dot4_f32(const float* w0, const float* w1, const float* w2,
-                               const float* w3, const float* x, long h, float* out) {
+                               const float* w3, const float* x, long h, float* out, sl_next nx) {
 #if SL_X86
     /* fp32 runs the 256-bit kernels on AVX-512 CPUs too: measured 5-10 % faster than the
        512-bit ones on AMD EPYC (Zen 4 splits 512-bit ops), the width gcc picks there */
-    if (sl_isa >= SL_AVX2) { sl_dot4_f32_avx2(w0, w1, w2, w3, x, h, out); return; }
+    if (sl_isa >= SL_AVX2) { sl_dot4_f32_avx2(w0, w1, w2, w3, x, h, out, nx); return; }
     (void)sl_dot4_f32_512;
 #endif
-    sl_dot4_f32_c(w0, w1, w2, w3, x, h, out);
+    sl_dot4_f32_c(w0, w1, w2, w3, x, h, out, nx);
 }
 static inline void sl_dot4_bf16(const uint16_t* w0, const uint16_t* w1, const uint16_t* w2,
                                 const uint16_t* w3, const float* x, const uint16_t* xb,
-                                long h, float* out) {
+                                long h, float* out, sl_next nx) {
 #if SL_X86
-    if (sl_isa == SL_AVX512BF16) { sl_dot4_bf16_dp(w0, w1, w2, w3, xb, h, out); return; }
-    if (sl_isa == SL_AVX512) { sl_dot4_bf16_512(w0, w1, w2, w3, x, h, out); return; }
-    if (sl_isa == SL_AVX2) { sl_dot4_bf16_avx2(w0, w1, w2, w3, x, h, out); return; }
+    if (sl_isa == SL_AVX512BF16) { sl_dot4_bf16_dp(w0, w1, w2, w3, xb, h, out, nx); return; }
+    if (sl_isa == SL_AVX512) { sl_dot4_bf16_512(w0, w1, w2, w3, x, h, out, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_bf16_avx2(w0, w1, w2, w3, x, h, out, nx); return; }
 #endif
     (void)xb;
-    sl_dot4_bf16_c(w0, w1, w2, w3, x, h, out);
+    sl_dot4_bf16_c(w0, w1, w2, w3, x, h, out, nx);
 }
 static inline void sl_dot4_i8(const int8_t* w0, const int8_t* w1, const int8_t* w2,
-                              const int8_t* w3, const float* x, long h, float* out) {
+                              const int8_t* w3, const float* x, long h, float* out, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_dot4_i8_512(w0, w1, w2, w3, x, h, out); return; }
-    if (sl_isa == SL_AVX2) { sl_dot4_i8_avx2(w0, w1, w2, w3, x, h, out); return; }
+    if (sl_isa >= SL_AVX512) { sl_dot4_i8_512(w0, w1, w2, w3, x, h, out, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_i8_avx2(w0, w1, w2, w3, x, h, out, nx); return; }
 #endif
-    sl_dot4_i8_c(w0, w1, w2, w3, x, h, out);
+    sl_dot4_i8_c(w0, w1, w2, w3, x, h, out, nx);
 }
 static inline void sl_axpy4_f32(float* y, const float* d0, const float* d1, const float* d2,
-                                const float* d3, const float* a, long k0, long k1) {
+                                const float* d3, const float* a, long k0, long k1, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX2) { sl_axpy4_f32_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+    if (sl_isa >= SL_AVX2) { sl_axpy4_f32_avx2(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
     (void)sl_axpy4_f32_512;
 #endif
-    sl_axpy4_f32_c(y, d0, d1, d2, d3, a, k0, k1);
+    sl_axpy4_f32_c(y, d0, d1, d2, d3, a, k0, k1, nx);
 }
 static inline void sl_axpy4_bf16(float* y, const uint16_t* d0, const uint16_t* d1,
                                  const uint16_t* d2, const uint16_t* d3, const float* a,
-                                 long k0, long k1) {
+                                 long k0, long k1, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_axpy4_bf16_512(y, d0, d1, d2, d3, a, k0, k1); return; }
-    if (sl_isa == SL_AVX2) { sl_axpy4_bf16_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+    if (sl_isa >= SL_AVX512) { sl_axpy4_bf16_512(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_bf16_avx2(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
 #endif
-    sl_axpy4_bf16_c(y, d0, d1, d2, d3, a, k0, k1);
+    sl_axpy4_bf16_c(y, d0, d1, d2, d3, a, k0, k1, nx);
 }
 static inline void sl_axpy4_i8(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
-                               const int8_t* d3, const float* a, long k0, long k1) {
+                               const int8_t* d3, const float* a, long k0, long k1, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_axpy4_i8_512(y, d0, d1, d2, d3, a, k0, k1); return; }
-    if (sl_isa == SL_AVX2) { sl_axpy4_i8_avx2(y, d0, d1, d2, d3, a, k0, k1); return; }
+    if (sl_isa >= SL_AVX512) { sl_axpy4_i8_512(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_i8_avx2(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
 #endif
-    sl_axpy4_i8_c(y, d0, d1, d2, d3, a, k0, k1);
+    sl_axpy4_i8_c(y, d0, d1, d2, d3, a, k0, k1, nx);
 }
 static inline void sl_dot4_i8b(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                const int8_t* w3, const float* c0, const float* c1,
                                const float* c2, const float* c3, const float* x, long h,
-                               float* out) {
+                               float* out, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_dot4_i8b_512(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out); return; }
-    if (sl_isa == SL_AVX2) { sl_dot4_i8b_avx2(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out); return; }
+    if (sl_isa >= SL_AVX512) { sl_dot4_i8b_512(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_i8b_avx2(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out, nx); return; }
 #endif
-    sl_dot4_i8b_c(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out);
+    sl_dot4_i8b_c(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out, nx);
 }
 static inline void sl_axpy4_i8b(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
                                 const int8_t* d3, const float* c0, const float* c1,
                                 const float* c2, const float* c3, const float* a, long k0,
-                                long k1) {
+                                long k1, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_axpy4_i8b_512(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1); return; }
-    if (sl_isa == SL_AVX2) { sl_axpy4_i8b_avx2(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1); return; }
+    if (sl_isa >= SL_AVX512) { sl_axpy4_i8b_512(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_i8b_avx2(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, nx); return; }
 #endif
-    sl_axpy4_i8b_c(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1);
+    sl_axpy4_i8b_c(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, nx);
 }
 static inline float sl_dot1_f32(const float* a, const float* b, long n) {
 #if SL_X86

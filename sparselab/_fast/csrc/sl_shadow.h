@@ -31,6 +31,7 @@
 #include <string.h>
 
 #include "sl_kernels.h"
+#include "sl_qdot.h"
 
 /* float16 bits -> float32 (exact; subnormals, inf and NaN kept) */
 static inline float sl_half_to_float(uint16_t h) {
@@ -56,26 +57,14 @@ static inline float sl_half_to_float(uint16_t h) {
     return f;
 }
 
-/* x [h] -> xq [h] int8, sx [h/group] scales, corr [h/group] = 8 * sum of the group's xq.
- * A group of zeros gets sx = 0 and xq = 0. */
+/* x [h] -> xq [h] int8, sx [h/group] scales (sl_quant_x_i8, as the int8 MLP kernels), and
+ * corr [h/group] = 8 * sum of the group's xq. A group of zeros gets sx = 0 and xq = 0. */
 static inline void sl_shadow_prep_x(const float* x, long h, long group, int8_t* xq,
                                     float* sx, int32_t* corr) {
+    sl_quant_x_i8(x, h, group, xq, sx);
     for (long g0 = 0, gi = 0; g0 < h; g0 += group, gi++) {
-        float m = 0.0f;
-        for (long k = 0; k < group; k++) {
-            float a = fabsf(x[g0 + k]);
-            m = a > m ? a : m;
-        }
-        float s = m / 127.0f;
-        float inv = s > 0.0f ? 1.0f / s : 0.0f;
         int32_t sum = 0;
-        for (long k = 0; k < group; k++) {
-            float v = nearbyintf(x[g0 + k] * inv);
-            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-            xq[g0 + k] = (int8_t)v;
-            sum += (int32_t)xq[g0 + k];
-        }
-        sx[gi] = s;
+        for (long k = g0; k < g0 + group; k++) sum += (int32_t)xq[k];
         corr[gi] = 8 * sum;
     }
 }
@@ -169,8 +158,6 @@ static inline int32_t sl_ld_i32(const int8_t* p) { int32_t v; memcpy(&v, p, size
 
 SL_SHADOW_BLOCK(sl_shadow_block_avx2, SL_T_AVX2_F16C, SL_DOT_AVX2)
 SL_SHADOW_BLOCK(sl_shadow_block_vnni, SL_T_VNNI, SL_DOT_VNNI)
-
-static int sl_has_vnni = -1;
 #endif
 
 /* g[8], u[8] of one block of 8 neurons on the current path (vpdpbusd on the avx512 paths
@@ -180,11 +167,7 @@ static inline void sl_shadow_block(const uint8_t* codes, const uint16_t* scales,
                                    long ng, float* g, float* u) {
 #if SL_X86
     if (sl_isa >= SL_AVX512) {
-        if (sl_has_vnni < 0) {
-            __builtin_cpu_init();
-            sl_has_vnni = __builtin_cpu_supports("avx512vnni") ? 1 : 0;
-        }
-        if (sl_has_vnni) { sl_shadow_block_vnni(codes, scales, xq, sx, corr, ng, g, u); return; }
+        if (sl_has_avx512vnni()) { sl_shadow_block_vnni(codes, scales, xq, sx, corr, ng, g, u); return; }
     }
     if (sl_isa >= SL_AVX2) { sl_shadow_block_avx2(codes, scales, xq, sx, corr, ng, g, u); return; }
 #endif
