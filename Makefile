@@ -11,6 +11,8 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.sparselab-installed
 BUILT  := sparselab/_fast/.built
 PYX    := $(wildcard sparselab/_fast/*.pyx sparselab/_fast/*.pxd)
+# the C inner loops the .pyx include: a change there must rebuild too
+CSRC   := $(wildcard sparselab/_fast/csrc/*.h)
 
 .PHONY: install build demo test test-fast lab lint bench clean
 .PHONY: figures
@@ -29,7 +31,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 
-$(BUILT): $(STAMP) $(PYX) setup.py
+$(BUILT): $(STAMP) $(PYX) $(CSRC) setup.py
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 

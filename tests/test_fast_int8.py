@@ -5,7 +5,6 @@ reference of the dequantized weights, thread-count independence, and the errors.
     pytest tests/test_fast_int8.py
 """
 
-import math
 
 import numpy as np
 import pytest
@@ -17,19 +16,9 @@ from sparselab import _fast
 from sparselab._fast import isa
 from sparselab._fast.quant import Int8Blocks, Int8Rows, load_int8, quantize_int8, save_int8
 from sparselab.testing.reference import dense_reference
+from sparselab.testing.weights import both_kernels, random_int8_mlp
 
 PATHS = isa.supported()
-
-
-def int8_mlp(n, h, seed, block=None):
-    g = torch.Generator().manual_seed(seed)
-    s = 1.0 / math.sqrt(h)
-    gate = torch.randn(n, h, generator=g) * 2 * s
-    up = torch.randn(n, h, generator=g) * s
-    down = torch.randn(h, n, generator=g) * s
-    qg, qu, qd = (quantize_int8(w, block) for w in (gate, up, down.t().contiguous()))
-    x = torch.randn(3, h, generator=g)
-    return qg, qu, qd, x
 
 
 def test_quantizer_rounds_to_nearest_within_half_a_step():
@@ -62,7 +51,7 @@ def test_quantizer_errors():
 
 
 def test_safetensors_round_trip(tmp_path):
-    qg, qu, qd, _ = int8_mlp(20, 64, 0)
+    qg, qu, qd, _ = random_int8_mlp(20, 64, 0)
     qb = quantize_int8(qg.dequantize(), block=32)
     save_int8(tmp_path / "l.safetensors", {"gate": qg, "up": qu, "down_t": qd, "blocks": qb})
     back = load_int8(tmp_path / "l.safetensors")
@@ -84,7 +73,7 @@ def test_safetensors_round_trip(tmp_path):
 def test_int8_kernels_match_float64_reference_of_dequantized_weights(
         path, n, h, batch, density, n_threads, x_bf16, blocks, seed):
     block = 32 if blocks and h % 32 == 0 else None
-    qg, qu, qd, x = int8_mlp(n, h, seed, block)
+    qg, qu, qd, x = random_int8_mlp(n, h, seed, block)
     x = x[:batch].to(torch.bfloat16) if x_bf16 else x[:batch]
     mask = np.random.default_rng(seed).random(n) < density
     g, u, dt = qg.dequantize(), qu.dequantize(), qd.dequantize()
@@ -92,12 +81,7 @@ def test_int8_kernels_match_float64_reference_of_dequantized_weights(
     v = x.double() @ g.double().T
     hh = (v * torch.sigmoid(v) * (x.double() @ u.double().T)).abs() * torch.as_tensor(mask, dtype=torch.float64)
     bound = 1e-4 * (hh @ dt.double().abs()) + 1e-6
-    with isa.use(path):
-        cache = _fast.WeightCache(qg, qu, down_t=qd)
-        cache.update(mask)
-        y1 = cache.forward(x, "silu", n_threads=n_threads)
-        y2 = _fast.sparse_mlp(x, qg, qu, qd, np.flatnonzero(mask), "silu", n_threads=n_threads)
-    for y in (y1, y2):
+    for y in both_kernels(qg, qu, qd, x, mask, path, n_threads):
         assert y.dtype == torch.float32
         err = (y.double() - ref).abs()
         assert torch.all(err <= bound), f"{path}: max err {err.max().item():.3g}"
@@ -106,7 +90,7 @@ def test_int8_kernels_match_float64_reference_of_dequantized_weights(
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("block", [None, 32])
 def test_int8_bitwise_independent_of_thread_count_and_cache_churn(path, block):
-    qg, qu, qd, x = int8_mlp(301, 288, 4, block)
+    qg, qu, qd, x = random_int8_mlp(301, 288, 4, block)
     rng = np.random.default_rng(0)
     with isa.use(path):
         idx = np.flatnonzero(rng.random(301) < 0.4)
@@ -125,7 +109,7 @@ def test_int8_bitwise_independent_of_thread_count_and_cache_churn(path, block):
 
 
 def test_int8_errors_change_nothing():
-    qg, qu, qd, x = int8_mlp(10, 8, 1)
+    qg, qu, qd, x = random_int8_mlp(10, 8, 1)
     with pytest.raises(ValueError, match="int8"):
         _fast.sparse_mlp(x, qg, qu.dequantize(), qd, np.array([0]), "silu")
     with pytest.raises(ValueError, match="down_t="):

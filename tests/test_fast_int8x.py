@@ -6,7 +6,6 @@ independence, the path names and the errors.
     pytest tests/test_fast_int8x.py
 """
 
-import math
 
 import numpy as np
 import pytest
@@ -16,22 +15,11 @@ from hypothesis import strategies as st
 
 from sparselab import _fast
 from sparselab._fast import isa
-from sparselab._fast.quant import quantize_int8, round_x_int8
+from sparselab._fast.quant import round_x_int8
 from sparselab.testing.reference import dense_reference
+from sparselab.testing.weights import both_kernels, random_int8_mlp
 
 PATHS = isa.supported()
-
-
-def int8_mlp(n, h, seed, block=None):
-    g = torch.Generator().manual_seed(seed)
-    s = 1.0 / math.sqrt(h)
-    gate = torch.randn(n, h, generator=g) * 2 * s
-    up = torch.randn(n, h, generator=g) * s
-    down = torch.randn(h, n, generator=g) * s
-    qg, qu, qd = (quantize_int8(w, block) for w in (gate, up, down.t().contiguous()))
-    x = torch.randn(3, h, generator=g)
-    x[:, 0] *= 30.0  # an outlier channel, as LLM activations have: its group's scale grows
-    return qg, qu, qd, x
 
 
 def x_seen(x):
@@ -70,7 +58,7 @@ def sx_of(x):
 def test_int8x_kernels_match_float64_reference(path, n, h, batch, density, n_threads, x_bf16,
                                                blocks, seed):
     block = 32 if blocks and h % 32 == 0 else None
-    qg, qu, qd, x = int8_mlp(n, h, seed, block)
+    qg, qu, qd, x = random_int8_mlp(n, h, seed, block, outlier=30.0)
     x = x[:batch].to(torch.bfloat16) if x_bf16 else x[:batch]
     mask = np.random.default_rng(seed).random(n) < density
     g, u, dt = qg.dequantize(), qu.dequantize(), qd.dequantize()
@@ -82,12 +70,7 @@ def test_int8x_kernels_match_float64_reference(path, n, h, batch, density, n_thr
     # of the down pass, relative to the sizes of the terms
     gsum = (xs.abs() @ g.double().abs().T).max().item() + (xs.abs() @ u.double().abs().T).max().item()
     bound = 1e-4 * (hh @ dt.double().abs()) + 1e-5 * gsum * (dt.double().abs().sum(0).max().item()) + 1e-6
-    with isa.use(path):
-        cache = _fast.WeightCache(qg, qu, down_t=qd)
-        cache.update(mask)
-        y1 = cache.forward(x, "silu", n_threads=n_threads, x_int8=True)
-        y2 = _fast.IndexedMLP(qg, qu, qd, "silu", n_threads, x_int8=True)(x, np.flatnonzero(mask))
-    for y in (y1, y2):
+    for y in both_kernels(qg, qu, qd, x, mask, path, n_threads, x_int8=True):
         assert y.dtype == torch.float32
         err = (y.double() - ref).abs()
         assert torch.all(err <= bound), f"{path}: max err {err.max().item():.3g}"
@@ -96,7 +79,7 @@ def test_int8x_kernels_match_float64_reference(path, n, h, batch, density, n_thr
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("block", [None, 32])
 def test_int8x_bitwise_independent_of_thread_count(path, block):
-    qg, qu, qd, x = int8_mlp(301, 288, 4, block)
+    qg, qu, qd, x = random_int8_mlp(301, 288, 4, block, outlier=30.0)
     idx = np.flatnonzero(np.random.default_rng(0).random(301) < 0.4)
     with isa.use(path):
         ys = [_fast.IndexedMLP(qg, qu, qd, "silu", t, x_int8=True)(x, idx) for t in (1, 2, 3)]
@@ -106,7 +89,7 @@ def test_int8x_bitwise_independent_of_thread_count(path, block):
 def test_int8x_differs_from_float_x_by_the_rounding_of_x():
     """x_int8 is a different model: close to float x, not equal (and what it computes is the
     float model over the dequantized x, checked above)."""
-    qg, qu, qd, x = int8_mlp(64, 256, 7, 32)
+    qg, qu, qd, x = random_int8_mlp(64, 256, 7, 32, outlier=30.0)
     idx = np.arange(64)
     y8 = _fast.IndexedMLP(qg, qu, qd, "silu", x_int8=True)(x, idx)
     y32 = _fast.IndexedMLP(qg, qu, qd, "silu")(x, idx)
@@ -126,7 +109,7 @@ def test_int8x_path_names_follow_the_isa():
 
 
 def test_int8x_errors():
-    qg, qu, qd, x = int8_mlp(10, 64, 1)
+    qg, qu, qd, x = random_int8_mlp(10, 64, 1, outlier=30.0)
     with pytest.raises(ValueError, match="x_int8=True needs int8 weights"):
         _fast.IndexedMLP(qg.dequantize(), qu.dequantize(), qd.dequantize(), "silu", x_int8=True)
     cache = _fast.WeightCache(qg.dequantize(), qu.dequantize(), down_t=qd.dequantize())
