@@ -371,10 +371,11 @@ def update_sweep(shape: str = "smollm2-135m", dtype=torch.float32,
     Importable (notebook 09). For each active density: a full re-gather of the active
     rows (the cost of having no cache: three contiguous row gathers) and, for each ``k``
     in ``swaps``, a ``WeightCache`` update swapping exactly ``k`` neurons out and ``k`` in
-    (toggled back and forth, so every timed call is the same ``k``-swap), interleaved rep
-    by rep, 1 thread. ``k`` larger than the active or the inactive set is skipped. One row
-    per measurement: ``shape, hidden, inter, dtype, density, n_active, method``
-    (``update_rows`` / ``full_regather``), ``neurons_swapped`` (0 for the re-gather),
+    (toggled back and forth, so every timed call is the same ``k``-swap), all densities
+    interleaved rep by rep in one run, 1 thread. ``k`` larger than the active or the
+    inactive set is skipped. One row per measurement: ``shape, hidden, inter, dtype,
+    density, n_active, method`` (``update_rows`` / ``full_regather``), ``neurons_swapped``
+    (0 for the re-gather),
     ``median_ms, q1_ms, q3_ms, reps`` and the structural cost of one call:
     ``rows_copied`` (neurons whose gate, up and down rows were written; from
     ``UpdateStats`` for the cache, ``n_active`` for the re-gather) and ``bytes_moved``.
@@ -387,13 +388,13 @@ def update_sweep(shape: str = "smollm2-135m", dtype=torch.float32,
     slot_bytes = 3 * hidden * gate.element_size()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    out = []
+    fns, meta = {}, {}
     try:
         for dens in densities:
             m0 = random_mask(inter, dens, rng)
             n_act = int(m0.sum())
-            fns = {"full_regather": regather_fn(gate, up, down_t, torch.from_numpy(np.flatnonzero(m0)))}
-            stats = {"full_regather": (0, n_act, n_act * slot_bytes)}
+            fns[(dens, 0)] = regather_fn(gate, up, down_t, torch.from_numpy(np.flatnonzero(m0)))
+            meta[(dens, 0)] = ("full_regather", n_act, n_act, n_act * slot_bytes)
             for k in swaps:
                 if k > min(n_act, inter - n_act):
                     continue
@@ -402,18 +403,20 @@ def update_sweep(shape: str = "smollm2-135m", dtype=torch.float32,
                 cache.update(m0)
                 s = cache.update(m1)  # the structural cost of one k-swap, then back
                 cache.update(m0)
-                name = f"update_rows_k{k}"
-                fns[name] = toggler(cache, m0, m1)
-                stats[name] = (k, s.rows_copied, s.bytes_moved)
-            t = interleaved(fns, reps)
-            for name, ns in t.items():
-                med, q1, q3 = stats_ms(ns)
-                k, rows_copied, nbytes = stats[name]
-                out.append(dict(shape=shape, hidden=hidden, inter=inter,
-                                dtype=str(dtype).replace("torch.", ""), density=dens,
-                                n_active=n_act, method=name.split("_k")[0], neurons_swapped=k,
-                                median_ms=round(med, 4), q1_ms=round(q1, 4), q3_ms=round(q3, 4),
-                                reps=reps, rows_copied=rows_copied, bytes_moved=nbytes))
+                fns[(dens, k)] = toggler(cache, m0, m1)
+                meta[(dens, k)] = ("update_rows", n_act, s.rows_copied, s.bytes_moved)
+        # One interleaved run over every density and k: a change in the machine's load
+        # during the sweep hits every cell alike instead of skewing one density's numbers.
+        t = interleaved(fns, reps)
+        out = []
+        for (dens, k), ns in t.items():
+            med, q1, q3 = stats_ms(ns)
+            method, n_act, rows_copied, nbytes = meta[(dens, k)]
+            out.append(dict(shape=shape, hidden=hidden, inter=inter,
+                            dtype=str(dtype).replace("torch.", ""), density=dens,
+                            n_active=n_act, method=method, neurons_swapped=k,
+                            median_ms=round(med, 4), q1_ms=round(q1, 4), q3_ms=round(q3, 4),
+                            reps=reps, rows_copied=rows_copied, bytes_moved=nbytes))
     finally:
         torch.set_num_threads(threads)
     return out
