@@ -22,8 +22,10 @@ import pandas as pd
 import torch
 
 import sparselab as sl
-from sparselab._fast.quant import quantize_int8, round_x_int8
+from sparselab._fast.quant import round_x_int8
 from sparselab._version import versions
+from sparselab.models import adapter_for
+from sparselab.runtime.sparsify import put_back, quantize_layer_in_place
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUP = 64
@@ -33,26 +35,6 @@ def rounded_x(x: torch.Tensor) -> torch.Tensor:
     """x as the int8-x kernels see it (per token, groups of 64 channels)."""
     xq, sx = round_x_int8(x, GROUP)
     return (xq.float() * sx.repeat_interleave(GROUP, -1)[..., : x.shape[-1]]).to(x.dtype)
-
-
-def quantize_mlps(model, block) -> list:
-    """Replace every MLP weight by its dequantized int8 copy (down quantized per neuron, as
-    ``sl.sparsify(weights=...)`` does); returns the originals to put back."""
-    saved = []
-    for layer in model.model.layers:
-        mlp = layer.mlp
-        for lin, w in ((mlp.gate_proj, mlp.gate_proj.weight), (mlp.up_proj, mlp.up_proj.weight)):
-            saved.append((lin, w.data.clone()))
-            w.data.copy_(quantize_int8(w.data, block).dequantize())
-        d = mlp.down_proj.weight
-        saved.append((mlp.down_proj, d.data.clone()))
-        d.data.copy_(quantize_int8(d.data.t().contiguous(), block).dequantize().t())
-    return saved
-
-
-def restore(saved) -> None:
-    for lin, w in saved:
-        lin.weight.data.copy_(w)
 
 
 def token_log_probs(model, ids_list) -> list[torch.Tensor]:
@@ -81,8 +63,10 @@ def main():
     ref = token_log_probs(model, ids_list)
     rows = [{"variant": "fp32 dense", "weights": "fp32", "x": "fp32"}]
     rows[0]["perplexity"], rows[0]["kl"] = score(ref, ref, ids_list)
-    for block, wname in ((32, "int8 blocks of 32"), (None, "int8 per row")):
-        saved = quantize_mlps(model, block)
+    for block, wname in ((32, "int8 blocks of 32"), (64, "int8 blocks of 64"), (None, "int8 per row")):
+        saved: list = []  # the same int8 weights as sl.sparsify(weights=...) runs
+        for spec in adapter_for(model).layers:
+            quantize_layer_in_place(spec, saved, block)
         try:
             for x8 in (False, True):
                 hooks = [layer.mlp.register_forward_pre_hook(
@@ -97,7 +81,7 @@ def main():
                              "weights": wname, "x": "int8 per 64" if x8 else "fp32",
                              "perplexity": ppl, "kl": kl})
         finally:
-            restore(saved)
+            put_back(saved)
     df = pd.DataFrame(rows)
     base = df["perplexity"].iloc[0]
     df["ppl_vs_fp32_dense_pct"] = (100 * (df["perplexity"] / base - 1)).round(3)

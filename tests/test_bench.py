@@ -376,8 +376,8 @@ def test_config_errors_name_the_problem(tmp_path):
         rb.load_config(path)
 
 
-def test_run_benchmark_main_writes_json_csv_md(tmp_path):
-    rb = _load_run_benchmark()
+def tiny_bench_config(**kw) -> dict:
+    """A benchmark config of the tiny random Llama; ``kw`` replaces top-level keys."""
     config = {
         "name": "tiny",
         "model": {"kind": "random_llama", "num_hidden_layers": LAYERS, "seed": 0, "init_scale": 0.2,
@@ -389,8 +389,14 @@ def test_run_benchmark_main_writes_json_csv_md(tmp_path):
         "density": 0.3, "prompt": {"kind": "random", "tokens": 6, "seed": 0},
         "max_new_tokens": 8, "warmup_runs": 1, "num_runs": 5,
     }
+    config.update(kw)
+    return config
+
+
+def test_run_benchmark_main_writes_json_csv_md(tmp_path):
+    rb = _load_run_benchmark()
     path = tmp_path / "tiny.json"
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(tiny_bench_config()))
     threads = torch.get_num_threads()
     try:
         result = rb.main(["--device", "cpu", "--config", str(path), "--num_runs", "2",
@@ -418,3 +424,60 @@ def test_run_benchmark_main_writes_json_csv_md(tmp_path):
     assert stamped.name.startswith("tiny_") and json.loads(stamped.read_text()) == latest
     md = (tmp_path / "res" / "tiny.md").read_text()
     assert "## Headline" in md and "## Targets" in md
+
+
+def test_with_int8_mlp_counts_one_byte_per_weight_plus_scales():
+    from sparselab.evaluation.byte_bound import DecodeBytes, with_int8_mlp
+
+    b = DecodeBytes(mlp=HAND["mlp"], other=HAND["other"], lm_head=HAND["lm_head"],
+                    embedding_row=HAND["row"], n_layers=2)
+    # 576 fp32 bytes = 144 weights in rows of 8: per row one byte a weight + a 4-byte scale
+    assert with_int8_mlp(b, row_length=8).mlp == 144 + 18 * 4
+    assert with_int8_mlp(b, row_length=8, block=4).mlp == 144 + 36 * 4
+    assert with_int8_mlp(b, row_length=8).other == HAND["other"]  # only the MLP changes
+    with pytest.raises(ValueError, match="divisor of the row length 8"):
+        with_int8_mlp(b, row_length=8, block=3)
+
+
+def _int8_config(**kw):
+    return tiny_bench_config(**{"name": "tiny_int8", "max_new_tokens": 4, "warmup_runs": 0,
+                                "num_runs": 2, "weights": "int8",
+                                "variants": ["dense", "sparse_direct", "dense_float"], **kw})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"weights": "int4"}, "weights must be one of"),
+    ({"weights": "model"}, "variant 'dense_float'"),
+    ({"model": {"kind": "random_llama", "dtype": "bfloat16", "llama_config": {}}}, "float32 model"),
+])
+def test_int8_config_errors_name_the_problem(tmp_path, change, message):
+    rb = _load_run_benchmark()
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_int8_config(**change)))
+    with pytest.raises(ValueError, match=message):
+        rb.load_config(path)
+
+
+def test_int8_benchmark_runs_a_dense_int8_baseline_beside_the_float_model(tmp_path):
+    from sparselab.evaluation.byte_bound import with_int8_mlp
+
+    rb = _load_run_benchmark()
+    path = tmp_path / "tiny_int8.json"
+    path.write_text(json.dumps(_int8_config()))
+    threads = torch.get_num_threads()
+    try:
+        rb.main(["--config", str(path), "--threads", "1", "--out", str(tmp_path / "res")])
+    finally:
+        torch.set_num_threads(threads)
+    latest = json.loads((tmp_path / "res" / "tiny_int8.json").read_text())
+    model = tiny_llama()  # the float model's bytes, then its MLPs as int8 in blocks of 32
+    want = with_int8_mlp(sl.bench.decode_bytes(model), row_length=H, block=32)
+    assert latest["bytes"]["mlp"] == want.mlp and latest["bytes"]["other"] == want.other
+    split = latest["split_ms"]
+    # dense is the int8 kernel over every neuron; dense_float the float model in torch
+    assert split["dense"]["active_density"] == 1.0 and split["dense"]["kernel_ms"] > 0
+    assert split["sparse_direct"]["active_density"] == pytest.approx(0.3, abs=0.02)
+    assert split["dense_float"].get("kernel_ms") is None  # no sparse kernel ran (NaN -> null)
+    assert {t["variant"] for t in latest["targets"]} == {"sparse_direct"}  # not the reference
+    md = (tmp_path / "res" / "tiny_int8.md").read_text()
+    assert "dense is the dense int8 MLP" in md and "against the float model (dense_float)" in md

@@ -16,7 +16,7 @@ benchmarked here they are a fraction of a percent of the weights.)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -129,6 +129,24 @@ def decode_bytes(model: nn.Module) -> DecodeBytes:
     other = rest - _nbytes(emb) + row + (_nbytes(head) if tied else 0)
     return DecodeBytes(mlp=mlp, other=other, lm_head=_nbytes(head), embedding_row=row,
                        n_layers=adapter.n_layers)
+
+
+def with_int8_mlp(budget: DecodeBytes, row_length: int, block: int | None = None,
+                  from_size: int = 4) -> DecodeBytes:
+    """``budget`` with its MLP weights stored as int8 plus a float32 scale per ``block``
+    weights (``None``: per row of ``row_length``), as ``sl.sparsify(weights=...)`` runs them.
+
+        >>> b8 = with_int8_mlp(decode_bytes(model), row_length=576, block=32)
+        >>> b8.mlp / decode_bytes(model).mlp                 # (1 + 4/32) / 4 = 0.28125
+
+    ``from_size``: bytes per weight in ``budget`` (4 for a float32 model). Every MLP row
+    (gate and up by neuron, down by neuron as its transpose) has ``row_length`` weights.
+    """
+    if row_length < 1 or (block is not None and (block < 1 or row_length % block)):
+        raise ValueError(f"block {block!r} must be None or a positive divisor of the row length "
+                         f"{row_length}")
+    per_weight = 1.0 + 4.0 / (block or row_length)
+    return replace(budget, mlp=round(budget.mlp / from_size * per_weight))
 
 
 def decode_bytes_from_config(config, dtype: torch.dtype = torch.float32,

@@ -44,7 +44,12 @@ import pandas as pd
 import torch
 
 from sparselab._version import versions
-from sparselab.evaluation.byte_bound import DecodeBytes, decode_bytes, decode_bytes_from_config
+from sparselab.evaluation.byte_bound import (
+    DecodeBytes,
+    decode_bytes,
+    decode_bytes_from_config,
+    with_int8_mlp,
+)
 from sparselab.evaluation.compare import compare
 from sparselab.evaluation.memory import release_memory, rss_bytes
 from sparselab.evaluation.suite_report import machine_info
@@ -66,14 +71,14 @@ from sparselab.prediction import (
     train_predictors,
 )
 from sparselab.recording.recorder import record
-from sparselab.runtime.sparsify import sparsify
+from sparselab.runtime.sparsify import INT8_BLOCK, WEIGHT_FORMATS, sparsify
 
 __all__ = ["DEFAULTS", "VARIANTS", "Setup", "analyse", "build_random_llama", "check_config",
            "load_config", "make_prompt", "measure", "prepare", "trained_predictors",
            "variant_factories"]
 
 
-VARIANTS = ("dense", "sparse_cache", "sparse_direct", "sparse_method")
+VARIANTS = ("dense", "sparse_cache", "sparse_direct", "sparse_method", "dense_float")
 METHODS = ("shadow",)
 PREDICTOR_CACHE_VERSION = 1  # bump when the training recipe below changes
 
@@ -84,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "num_runs": 10,
     "threads": None,
     "variants": ["dense", "sparse_cache", "sparse_direct"],
+    "weights": "model",
     "memory_interval_s": 0.002,
     "prompt": {"kind": "corpus", "index": 0, "tokens": 64},
 }
@@ -149,6 +155,16 @@ def check_config(config: dict[str, Any]) -> None:
             not is_method and "sparse_method" in config["variants"]):
         raise ValueError("predictors.kind 'method' runs the variants dense and sparse_method; "
                          f"other predictors the others, got {config['variants']}")
+    weights = config["weights"]
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
+    if weights != "model" and (is_method or model.get("dtype", "float32") != "float32"):
+        raise ValueError(f"weights {weights!r} quantizes a float32 model's MLPs for the "
+                         "predictor variants: not with predictors.kind 'method' or a model dtype "
+                         f"{model.get('dtype')!r}")
+    if weights == "model" and "dense_float" in config["variants"]:
+        raise ValueError("variant 'dense_float' (the float model beside an int8 dense baseline) "
+                         f"needs int8 weights, one of {WEIGHT_FORMATS[1:]}")
 
 
 # --------------------------------------------------------------------------------------
@@ -311,9 +327,15 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
             seed=int(pspec.get("seed", 0)), dtype=dtype)
         pinfo = predictors.describe()
     release_memory()
+    budget, full_budget = decode_bytes(model), full_model_bytes(config, dtype)
+    if config["weights"] != "model":  # every variant's byte bound is against the int8 dense step
+        budget, full_budget = (
+            None if b is None else
+            with_int8_mlp(b, model.config.hidden_size, INT8_BLOCK[config["weights"]])
+            for b in (budget, full_budget))
     return Setup(config=config, model=model, tokenizer=tokenizer, predictors=predictors,
-                 input_ids=input_ids, budget=decode_bytes(model),
-                 full_budget=full_model_bytes(config, dtype), rss_before_model=before,
+                 input_ids=input_ids, budget=budget,
+                 full_budget=full_budget, rss_before_model=before,
                  rss_model=rss_model, predictor_info=pinfo)
 
 
@@ -323,17 +345,30 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
 
 
 def variant_factories(setup: Setup) -> dict[str, Callable | None]:
-    """Name -> None (dense) or a factory that sparsifies the model (undone by ``restore``)."""
-    model, p = setup.model, setup.predictors
+    """Name -> None (the model as it is) or a factory that sparsifies it (undone by ``restore``).
+
+    With ``weights`` ``"int8"`` / ``"int8_rows"`` every sparse variant runs int8 MLP weights,
+    and ``dense`` is the dense int8 MLP: all neurons through the same by-index kernel
+    (``dense_float`` is then the float model as it is).
+    """
+    model, p, weights = setup.model, setup.predictors, setup.config["weights"]
 
     def sparse(use_cache: bool):
-        return lambda: sparsify(model, p, mode="predicted", use_cache=use_cache, kernel="fast")
+        return lambda: sparsify(model, p, mode="predicted", use_cache=use_cache, kernel="fast",
+                                weights=weights)
+
+    def dense_int8():
+        n = adapter_for(model).n_neurons
+        every = {i: torch.arange(n) for i in range(adapter_for(model).n_layers)}
+        return sparsify(model, mode="static", static_neurons=every, use_cache=False,
+                        kernel="fast", weights=weights)
 
     if setup.config["predictors"]["kind"] == "method":
         return {name: None if name == "dense" else
                 (lambda: sparsify(model, method=p, kernel="fast"))
                 for name in setup.config["variants"]}
-    all_ = {"dense": None, "sparse_cache": sparse(True), "sparse_direct": sparse(False)}
+    all_ = {"dense": None if weights == "model" else dense_int8, "dense_float": None,
+            "sparse_cache": sparse(True), "sparse_direct": sparse(False)}
     return {name: all_[name] for name in setup.config["variants"]}
 
 

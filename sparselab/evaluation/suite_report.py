@@ -20,7 +20,7 @@ import pandas as pd
 
 from sparselab.evaluation.byte_bound import DecodeBytes
 from sparselab.evaluation.memory import MB
-from sparselab.evaluation.summaries import headline, shortfall, split_table
+from sparselab.evaluation.summaries import headline, shortfall, speedups, split_table
 
 __all__ = ["machine_info", "report", "write_results"]
 
@@ -111,6 +111,11 @@ def report(result: dict[str, Any], runs: pd.DataFrame) -> str:
         f"byte bound at d = {density:g}: {bound['bound']:.3f}x, with the predictors' bytes "
         f"{bound['bound_with_predictor']:.3f}x",
     ]
+    weights = result["config"].get("weights", "model")
+    if weights != "model":
+        lines.append(f"- MLP weights {weights!r} (int8, {_int8_label(weights)}) in every variant but "
+                     "dense_float: dense is the dense int8 MLP (all neurons through the by-index "
+                     "kernel), dense_float the float model; the byte bound counts the int8 bytes")
     if "full_model" in bound:
         fm = bound["full_model"]
         lines.append(f"- the full {fm['n_layers']}-layer model would have f = {fm['f']:.3f}, bound "
@@ -128,11 +133,22 @@ def report(result: dict[str, Any], runs: pd.DataFrame) -> str:
               "to the step's distance from the ideal.", "",
               _md_table(shortfall(runs, budget, density, bound["predictor_bytes"])
                         .reset_index().round(3), index=False), ""]
+    if "dense_float" in set(runs["variant"]):
+        float_sp = speedups(runs, baseline="dense_float")["decode_speedup"]
+        lines += ["Decode speed against the float model (dense_float): "
+                  + ", ".join(f"{v} {x:.3f}x" for v, x in float_sp.items()), ""]
     agree = result.get("greedy_agreement_with_dense") or {}
     if agree:
         lines += ["Greedy tokens equal to dense's (last run): "
                   + ", ".join(f"{k} {v:.0%}" for k, v in agree.items()), ""]
     return "\n".join(lines)
+
+
+def _int8_label(weights: str) -> str:
+    from sparselab.runtime.sparsify import INT8_BLOCK
+
+    block = INT8_BLOCK[weights]
+    return f"a float32 scale per {block} weights" if block else "a float32 scale per row"
 
 
 def write_results(result: dict[str, Any], runs: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:
