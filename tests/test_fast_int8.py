@@ -14,11 +14,19 @@ from hypothesis import strategies as st
 
 from sparselab import _fast
 from sparselab._fast import isa
-from sparselab._fast.quant import Int8Blocks, Int8Rows, load_int8, quantize_int8, save_int8
+from sparselab._fast.quant import (
+    KERNEL_BLOCKS,
+    Int8Blocks,
+    Int8Rows,
+    load_int8,
+    quantize_int8,
+    save_int8,
+)
 from sparselab.testing.reference import dense_reference
 from sparselab.testing.weights import both_kernels, random_int8_mlp
 
 PATHS = isa.supported()
+BLOCKS = (None,) + KERNEL_BLOCKS  # per-row scales, then every block size the kernels run
 
 
 def test_quantizer_rounds_to_nearest_within_half_a_step():
@@ -67,12 +75,12 @@ def test_safetensors_round_trip(tmp_path):
 
 @settings(deadline=None, max_examples=40)
 @given(path=st.sampled_from(PATHS), n=st.sampled_from([1, 3, 64, 129]),
-       h=st.sampled_from([1, 15, 16, 17, 32, 100, 96, 257, 320]), batch=st.sampled_from([1, 3]),
+       h=st.sampled_from([1, 15, 16, 17, 32, 100, 96, 257, 320, 512]), batch=st.sampled_from([1, 3]),
        density=st.sampled_from([0.1, 0.5, 1.0]), n_threads=st.sampled_from([1, 2]),
-       x_bf16=st.booleans(), blocks=st.booleans(), seed=st.integers(0, 10_000))
+       x_bf16=st.booleans(), block=st.sampled_from(BLOCKS), seed=st.integers(0, 10_000))
 def test_int8_kernels_match_float64_reference_of_dequantized_weights(
-        path, n, h, batch, density, n_threads, x_bf16, blocks, seed):
-    block = 32 if blocks and h % 32 == 0 else None
+        path, n, h, batch, density, n_threads, x_bf16, block, seed):
+    block = block if block and h % block == 0 else None  # blocks must divide the row
     qg, qu, qd, x = random_int8_mlp(n, h, seed, block)
     x = x[:batch].to(torch.bfloat16) if x_bf16 else x[:batch]
     mask = np.random.default_rng(seed).random(n) < density
@@ -88,9 +96,9 @@ def test_int8_kernels_match_float64_reference_of_dequantized_weights(
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("block", [None, 32])
+@pytest.mark.parametrize("block", [None, 32, 64, 128])
 def test_int8_bitwise_independent_of_thread_count_and_cache_churn(path, block):
-    qg, qu, qd, x = random_int8_mlp(301, 288, 4, block)
+    qg, qu, qd, x = random_int8_mlp(301, 384, 4, block)
     rng = np.random.default_rng(0)
     with isa.use(path):
         idx = np.flatnonzero(rng.random(301) < 0.4)
@@ -118,7 +126,7 @@ def test_int8_errors_change_nothing():
     with pytest.raises(ValueError, match="one int8 format"):
         _fast.IndexedMLP(qb, qb, quantize_int8(torch.randn(10, 64)), "silu")
     q16 = quantize_int8(torch.randn(10, 64), block=16)
-    with pytest.raises(ValueError, match="blocks of 32"):
+    with pytest.raises(ValueError, match="the kernels take int8 blocks of"):
         _fast.IndexedMLP(q16, q16, q16, "silu")
     with pytest.raises(ValueError, match="float32 or bfloat16 x"):
         _fast.sparse_mlp(x.double(), qg, qu, qd, np.array([0]), "silu")

@@ -15,11 +15,12 @@ from hypothesis import strategies as st
 
 from sparselab import _fast
 from sparselab._fast import isa
-from sparselab._fast.quant import round_x_int8
+from sparselab._fast.quant import KERNEL_BLOCKS, round_x_int8
 from sparselab.testing.reference import dense_reference
 from sparselab.testing.weights import both_kernels, random_int8_mlp
 
 PATHS = isa.supported()
+BLOCKS = (None,) + KERNEL_BLOCKS  # per-row scales, then every block size the kernels run
 
 
 def x_seen(x):
@@ -51,13 +52,13 @@ def sx_of(x):
 
 @settings(deadline=None, max_examples=40)
 @given(path=st.sampled_from(PATHS), n=st.sampled_from([1, 3, 64, 129]),
-       h=st.sampled_from([1, 15, 32, 63, 64, 65, 96, 100, 257, 320]),
+       h=st.sampled_from([1, 15, 32, 63, 64, 65, 96, 100, 257, 320, 512]),
        batch=st.sampled_from([1, 3]), density=st.sampled_from([0.1, 0.5, 1.0]),
-       n_threads=st.sampled_from([1, 2]), x_bf16=st.booleans(), blocks=st.booleans(),
+       n_threads=st.sampled_from([1, 2]), x_bf16=st.booleans(), block=st.sampled_from(BLOCKS),
        seed=st.integers(0, 10_000))
 def test_int8x_kernels_match_float64_reference(path, n, h, batch, density, n_threads, x_bf16,
-                                               blocks, seed):
-    block = 32 if blocks and h % 32 == 0 else None
+                                               block, seed):
+    block = block if block and h % block == 0 else None  # blocks must divide the row
     qg, qu, qd, x = random_int8_mlp(n, h, seed, block, outlier=30.0)
     x = x[:batch].to(torch.bfloat16) if x_bf16 else x[:batch]
     mask = np.random.default_rng(seed).random(n) < density
@@ -77,9 +78,9 @@ def test_int8x_kernels_match_float64_reference(path, n, h, batch, density, n_thr
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("block", [None, 32])
+@pytest.mark.parametrize("block", [None, 32, 64, 128])
 def test_int8x_bitwise_independent_of_thread_count(path, block):
-    qg, qu, qd, x = random_int8_mlp(301, 288, 4, block, outlier=30.0)
+    qg, qu, qd, x = random_int8_mlp(301, 384, 4, block, outlier=30.0)
     idx = np.flatnonzero(np.random.default_rng(0).random(301) < 0.4)
     with isa.use(path):
         ys = [_fast.IndexedMLP(qg, qu, qd, "silu", t, x_int8=True)(x, idx) for t in (1, 2, 3)]

@@ -16,12 +16,13 @@ Both kernels run the same two passes over memory, and each byte of weights is re
    the output (instead of the rows) means no reduction of per-thread copies of ``y`` and a
    result that does not depend on the thread count.
 
-Both passes prefetch the rows that come next (the next pair, the next group of four) into
-L2, one line per line they read, so a row's first bytes never wait on memory: that made the
-bf16 and int8 kernels ~1.3x and fp32 ~1.05x faster on the 3B shapes (rows picked by index
-start a new memory stream at every row, and short rows start them often).
+Both passes prefetch rows that come next (the pair, the group of four, about 96 KiB on)
+into L2, one line per line they read, so a row's first bytes never wait on memory: rows
+picked by index start a new memory stream at every row, and short rows start them often.
+At 30-50 % on the 3B shapes that made bf16 ~1.4-1.6x, int8 ~1.6-2.4x and fp32 ~1.0-1.2x
+faster than no prefetch (experiments/results/bench_prefetch.md).
 
-Weights are float32, bfloat16 stored as uint16, or int8 with per-row scales (fused type
+Weights are float32, bfloat16 stored as uint16, or int8 with per-row or per-block scales (fused type
 ``wtype``); all accumulation is float32. ``x`` is always float32 (the wrapper converts it
 once: it is a few kB). The inner loops (four dot products; four-row axpy) are the C
 functions of ``csrc/sl_kernels.h``, one version per instruction set, chosen at run time
@@ -79,11 +80,11 @@ cdef extern from "csrc/sl_kernels.h":
         const char** nx) noexcept nogil
     void sl_dot4_i8b(const int8_t* w0, const int8_t* w1, const int8_t* w2, const int8_t* w3,
                      const float* c0, const float* c1, const float* c2, const float* c3,
-                     const float* x, long h, float* out,
+                     const float* x, long h, long qb, float* out,
         const char** nx) noexcept nogil
     void sl_axpy4_i8b(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
                       const int8_t* d3, const float* c0, const float* c1, const float* c2,
-                      const float* c3, const float* a, long k0, long k1,
+                      const float* c3, const float* a, long k0, long k1, long qb,
         const char** nx) noexcept nogil
 
 ctypedef fused wtype:
@@ -101,8 +102,8 @@ cdef extern from "csrc/sl_qdot.h":
     void sl_abs_i8(const int8_t* xq, long n, uint8_t* xa) noexcept nogil
     void sl_dot4_i8q(const int8_t* w0, const int8_t* w1, const int8_t* w2, const int8_t* w3,
                      const float* c0, const float* c1, const float* c2, const float* c3,
-                     const int8_t* xq, const uint8_t* xa, const float* sx, long h, float* out,
-                     const char** nx) noexcept nogil
+                     const int8_t* xq, const uint8_t* xa, const float* sx, long h, long qb,
+                     float* out, const char** nx) noexcept nogil
     const char* sl_qdot_path() noexcept nogil
 
 
@@ -119,16 +120,35 @@ cdef extern from "csrc/sl_act.h":
     float _act "sl_act"(float v, int act) noexcept nogil
 
 
-# how far ahead the kernels prefetch rows: the gate/up pass the pair of rows this many pairs
-# on, the down pass the group of four this many groups on (0: no prefetch; see SL_PF4 in
-# csrc/sl_kernels.h). One ahead measured best (3B shapes: 1.2x fp32, 1.6x int8 over none).
-cdef long PF_AHEAD = 1
+# How far ahead the kernels prefetch: the gate/up pass the pair of rows this many pairs on,
+# the down pass the group of four rows this many groups on (see SL_PF4 in
+# csrc/sl_kernels.h). Both are four rows, so the distance is set in bytes: about PF_BYTES
+# ahead, at least one and at most PF_MAX_AHEAD pairs. experiments/bench_prefetch.py (3B
+# shapes, every format, 1 and 2 threads): fp32 gains little past 1-2 pairs (48 KiB each),
+# bf16 and int8 keep gaining to 4-8 pairs (24 / 12 KiB each); 96 KiB gives 2 / 4 / 8.
+cdef enum:
+    PF_BYTES = 96 * 1024
+    PF_MAX_AHEAD = 16
+# benchmarks only (_set_prefetch): a fixed number of pairs ahead, 0 = off; -1 = by bytes
+cdef long PF_FIXED = -1
 
 
 def _set_prefetch(long ahead):
-    """Benchmarks only: how many pairs (groups) ahead the kernels prefetch (0 = off)."""
-    global PF_AHEAD
-    PF_AHEAD = ahead
+    """Benchmarks only: prefetch this many pairs (groups) ahead, 0 = off, -1 = the default
+    (about ``PF_BYTES`` ahead)."""
+    global PF_FIXED
+    PF_FIXED = ahead
+
+
+cdef inline Py_ssize_t _prefetch_ahead(Py_ssize_t row_bytes) noexcept nogil:
+    """Pairs (groups) ahead to prefetch for rows of ``row_bytes``."""
+    cdef Py_ssize_t ahead
+    if PF_FIXED >= 0:
+        return PF_FIXED
+    ahead = PF_BYTES // (4 * row_bytes) if row_bytes > 0 else PF_MAX_AHEAD
+    if ahead < 1:
+        return 1
+    return ahead if ahead < PF_MAX_AHEAD else PF_MAX_AHEAD
 
 cdef enum:
     # elements per block of the down pass: 1 KiB of fp32 y per row group
@@ -181,12 +201,13 @@ cdef inline void _gate_up_pair(const wtype* g0, const wtype* u0, const wtype* g1
         else:
             if q != NULL and nb > 1:
                 sl_dot4_i8q(g0, u0, g1, u1, sc0, sc0 + nb, sc1, sc1 + nb, q.xq + b * q.h64,
-                            q.xa + b * q.h64, q.sx + b * q.ng, h, s, nx)
+                            q.xa + b * q.h64, q.sx + b * q.ng, h, h // nb, s, nx)
             elif q != NULL:
                 sl_dot4_i8q(g0, u0, g1, u1, NULL, NULL, NULL, NULL, q.xq + b * q.h64,
-                            q.xa + b * q.h64, q.sx + b * q.ng, h, s, nx)
+                            q.xa + b * q.h64, q.sx + b * q.ng, h, h, s, nx)
             elif nb > 1:
-                sl_dot4_i8b(g0, u0, g1, u1, sc0, sc0 + nb, sc1, sc1 + nb, x + b * h, h, s, nx)
+                sl_dot4_i8b(g0, u0, g1, u1, sc0, sc0 + nb, sc1, sc1 + nb, x + b * h, h, h // nb,
+                            s, nx)
             else:
                 sl_dot4_i8(g0, u0, g1, u1, x + b * h, h, s, nx)
             if nb == 1:
@@ -220,7 +241,7 @@ cdef inline const float* _dsc(const float* sc, Py_ssize_t nb, const int64_t* idx
 cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64_t* idx,
                              Py_ssize_t n, const float* hb, Py_ssize_t bsz, Py_ssize_t h,
                              float* y, Py_ssize_t c0, Py_ssize_t c1, const float* sc,
-                             Py_ssize_t nb) noexcept nogil:
+                             Py_ssize_t nb, Py_ssize_t ahead) noexcept nogil:
     """y[b, c0:c1] += sum_r hb[r, b] * down[row(r), c0:c1], four rows at a time.
 
     Four rows per pass over the chunk of ``y`` read and write ``y`` a quarter as often and
@@ -256,10 +277,10 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
                 e1 = _dsc(sc, nb, idx, r + 1) if m > 1 else e0
                 e2 = _dsc(sc, nb, idx, r + 2) if m > 2 else e0
                 e3 = _dsc(sc, nb, idx, r + 3) if m > 3 else e0
-        # the group PF_AHEAD groups on, prefetched as this one streams (see _gate_up_pair)
+        # the group ``ahead`` groups on, prefetched as this one streams (see _gate_up_pair)
         nx = NULL
-        rn = r + 4 * PF_AHEAD
-        if PF_AHEAD > 0 and rn < n:
+        rn = r + 4 * ahead
+        if ahead > 0 and rn < n:
             nxa[0] = <const char*>_row(down, d_stride, idx, rn)
             nxa[1] = <const char*>_row(down, d_stride, idx, rn + 1) if rn + 1 < n else nxa[0]
             nxa[2] = <const char*>_row(down, d_stride, idx, rn + 2) if rn + 2 < n else nxa[0]
@@ -290,11 +311,11 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
                 elif wtype is uint16_t:
                     sl_axpy4_bf16(yb, d0, d1, d2, d3, a, k0, k1, nx)
                 elif nb > 1:
-                    sl_axpy4_i8b(yb, d0, d1, d2, d3, e0, e1, e2, e3, a, k0, k1, nx)
+                    sl_axpy4_i8b(yb, d0, d1, d2, d3, e0, e1, e2, e3, a, k0, k1, h // nb, nx)
                 else:
                     sl_axpy4_i8(yb, d0, d1, d2, d3, a, k0, k1, nx)
                 nx = NULL
-            if PF_AHEAD > 0 and rn < n:
+            if ahead > 0 and rn < n:
                 nx = nxa
             k0 = k1
         r += 4
@@ -310,7 +331,8 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
     cdef uint16_t* xb = NULL
     cdef const float* sc0
     cdef const float* sc1
-    cdef Py_ssize_t p, r, c, c0, c1, nchunks, chunk, npairs
+    cdef Py_ssize_t p, r, c, c0, c1, nchunks, chunk, npairs, align
+    cdef Py_ssize_t ahead = _prefetch_ahead(h * sizeof(wtype))
     cdef const wtype* g1
     cdef const wtype* u1
     cdef const wtype* ng0
@@ -350,10 +372,13 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
                 sl_quant_x_i8(x + c * h, h, 64, qx.xq + c * qx.h64, qx.sx + c * qx.ng)
                 sl_abs_i8(qx.xq + c * qx.h64, qx.h64, qx.xa + c * qx.h64)
             q = &qx
-    # one chunk per thread, 32-float aligned so chunks never share a cache line of y and
-    # start on an int8 scale block
+    # one chunk per thread, 32-float aligned so chunks never share a cache line of y, and
+    # a whole number of int8 scale blocks (blocks divide BLOCK, so every pass starts on one)
     nchunks = n_threads if h >= 64 * n_threads else 1
-    chunk = ((h + nchunks - 1) // nchunks + 31) // 32 * 32
+    align = 32
+    if nb > 1 and h // nb > 32:  # int8 blocks of 64 or more
+        align = h // nb
+    chunk = ((h + nchunks - 1) // nchunks + align - 1) // align * align
     npairs = (n + 1) // 2
     with nogil:
         for p in prange(npairs, num_threads=n_threads, schedule='static'):
@@ -372,8 +397,8 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
                     sc1 = sc + 3 * nb * (idx[r + 1] if idx != NULL else r + 1)
             ng0 = NULL
             ng1 = NULL
-            rn = r + 2 * PF_AHEAD
-            if PF_AHEAD > 0 and rn < n:
+            rn = r + 2 * ahead
+            if ahead > 0 and rn < n:
                 ng0 = _row(gate, gu_stride, idx, rn)
                 if rn + 1 < n:
                     ng1 = _row(gate, gu_stride, idx, rn + 1)
@@ -394,7 +419,7 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
             if c1 > h:
                 c1 = h
             if c0 < c1:
-                _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1, sc, nb)
+                _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1, sc, nb, ahead)
     free(hb)
     if xb != NULL:
         free(xb)
@@ -406,7 +431,8 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
 
 
 cdef const float* _int8_scales(const float[:, :, ::1] scales, Py_ssize_t* nb) except NULL:
-    """The ``[*, 3, nb]`` scales int8 weights need (one per row or per block of 32)."""
+    """The ``[*, 3, nb]`` scales int8 weights need (one per row, or per block of
+    ``H / nb`` = 32, 64, 128 or 256 weights; the Python layer checks the block)."""
     if scales is None:
         raise ValueError("int8 weights need scales")
     nb[0] = scales.shape[2]
@@ -418,7 +444,7 @@ def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[
                   int n_threads, const float[:, :, ::1] scales=None, bint x_int8=False):
     """By index: rows ``idx`` of the full ``gate``/``up``/``down_t`` ``[I, H]``, in place.
     int8 weights need ``scales [I, 3, nb]`` (gate, up, down scales of each neuron: one per
-    row, ``nb == 1``, or one per block of 32, ``nb == H / 32``); ``x_int8``: the gate/up
+    row, ``nb == 1``, or one per block, ``nb == H / block``); ``x_int8``: the gate/up
     dot products round x to int8 per group of 64 and run on integers (csrc/sl_qdot.h)."""
     cdef Py_ssize_t n = idx.shape[0], bsz = x.shape[0], h = x.shape[1]
     cdef const float* sc = NULL

@@ -11,9 +11,10 @@ nearest, ties to even). A row is one neuron (gate/up rows; a ``down_t`` row is o
 column of ``down_proj``), so the kernels fold the scale into one multiply per neuron and
 read 1 byte per weight. ``quantize_int8(w, block=32)`` gives per-block-of-32 scales
 (:class:`Int8Blocks`, like GGUF's Q8_0: 1.125 bytes per weight with float32 scales); the
-kernels take both (block 32 only). On SmolLM2-135M per-row scales cost +2.6 % perplexity,
-blocks of 32 +0.5 % (8 held-out passages): blocks are the default of
-``sl.sparsify(weights="int8")``.
+kernels take both (blocks of 32, 64, 128 or 256). On SmolLM2-135M, dense, against fp32
+(experiments/results/quality_int8x.md) per-row scales cost +3.6 % perplexity, blocks of 32
++0.7 %, blocks of 64 +0.0 % (KL 0.0044 against 0.0025 for 32): blocks of 32 are
+``sl.sparsify(weights="int8")``, of 64 ``weights="int8_b64"``.
 """
 
 from __future__ import annotations
@@ -182,7 +183,9 @@ def load_int8(path) -> dict:
     return out
 
 
-KERNEL_BLOCK = 32  # the kernels' block size (Int8Blocks of any other size are for study)
+# the block sizes the kernels run (a multiple of 32 that divides their 256-weight passes);
+# Int8Blocks of any other size are for study
+KERNEL_BLOCKS = (32, 64, 128, 256)
 
 
 def stacked_scales(gate, up, down_t) -> np.ndarray:
@@ -193,7 +196,7 @@ def stacked_scales(gate, up, down_t) -> np.ndarray:
     if len(kinds) != 1:
         raise ValueError("gate, up and down_t must share one int8 format (all per-row or all "
                          "per-block with the same block)")
-    if isinstance(gate, Int8Blocks) and gate.block != KERNEL_BLOCK:
-        raise ValueError(f"the kernels take int8 blocks of {KERNEL_BLOCK}, got {gate.block}")
+    if isinstance(gate, Int8Blocks) and gate.block not in KERNEL_BLOCKS:
+        raise ValueError(f"the kernels take int8 blocks of {KERNEL_BLOCKS}, got {gate.block}")
     return np.ascontiguousarray(np.stack(
         [gate.scales2d().numpy(), up.scales2d().numpy(), down_t.scales2d().numpy()], 1))

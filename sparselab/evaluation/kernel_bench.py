@@ -168,11 +168,12 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
     torch.set_num_threads(max(threads))
 
 
-FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row", "int8_b32_x8", "int8_row_x8")
-# bytes read per weight: int8 blocks of 32 carry one float32 scale per 32 weights; "_x8":
+FORMATS = ("float32", "bfloat16", "int8_b32", "int8_b64", "int8_row", "int8_b32_x8",
+           "int8_b64_x8", "int8_row_x8")
+# bytes read per weight: int8 blocks of 32 (64) carry one float32 scale per 32 (64) weights; "_x8":
 # the same weights with x rounded to int8 for gate and up (integer dot products)
-FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8_b32": 1.125, "int8_row": 1.0,
-                "int8_b32_x8": 1.125, "int8_row_x8": 1.0}
+FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8_b32": 1.125, "int8_b64": 1.0625,
+                "int8_row": 1.0, "int8_b32_x8": 1.125, "int8_b64_x8": 1.0625, "int8_row_x8": 1.0}
 
 
 def format_weights(g32, u32, d32):
@@ -182,7 +183,7 @@ def format_weights(g32, u32, d32):
     dt32 = d32.t().contiguous()
     out = {"float32": (g32, u32, dt32),
            "bfloat16": tuple(t.to(torch.bfloat16) for t in (g32, u32, dt32))}
-    for name, block in (("int8_b32", 32), ("int8_row", None)):
+    for name, block in (("int8_b32", 32), ("int8_b64", 64), ("int8_row", None)):
         out[name] = out[name + "_x8"] = tuple(quantize_int8(t, block) for t in (g32, u32, dt32))
     return out
 

@@ -147,16 +147,17 @@ SL_DOT4_PORTABLE(sl_dot4_i8_c, int8_t, SL_LD_I8)
 SL_AXPY4_PORTABLE(sl_axpy4_f32_c, float, SL_LD_F32)
 SL_AXPY4_PORTABLE(sl_axpy4_bf16_c, uint16_t, SL_LD_BF16)
 SL_AXPY4_PORTABLE(sl_axpy4_i8_c, int8_t, SL_LD_I8)
-/* int8 with one scale per block of 32 weights; k0, k1 multiples of 32 */
-#define SL_QB 32
+/* int8 with one scale per block of qb weights (qb a multiple of 32 that divides 256: the
+ * format's blocks of 32, 64, 128 or 256); k0, k1 multiples of qb */
 static void sl_axpy4_i8b_c(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
                            const int8_t* d3, const float* c0, const float* c1, const float* c2,
-                           const float* c3, const float* a, long k0, long k1, sl_next nx) {
+                           const float* c3, const float* a, long k0, long k1, long qb,
+                           sl_next nx) {
     SL_PF4_RANGE(nx, int8_t, k0, k1);
-    for (long kb = k0; kb < k1; kb += SL_QB) {
-        long b = kb / SL_QB;
+    for (long kb = k0; kb < k1; kb += qb) {
+        long b = kb / qb;
         float a0 = a[0] * c0[b], a1 = a[1] * c1[b], a2 = a[2] * c2[b], a3 = a[3] * c3[b];
-        for (long k = kb; k < kb + SL_QB; k++) {
+        for (long k = kb; k < kb + qb; k++) {
             float acc = y[k];
             acc += a0 * (float)d0[k]; acc += a1 * (float)d1[k];
             acc += a2 * (float)d2[k]; acc += a3 * (float)d3[k];
@@ -166,20 +167,21 @@ static void sl_axpy4_i8b_c(float* y, const int8_t* d0, const int8_t* d1, const i
 }
 #pragma GCC pop_options
 
-/* int8 with one scale per block of 32 weights (h a multiple of 32): c_i[k / 32] */
+/* int8 with one scale per block of qb weights (h a multiple of qb): c_i[k / qb] */
 static void sl_dot4_i8b_c(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                           const int8_t* w3, const float* c0, const float* c1, const float* c2,
-                          const float* c3, const float* x, long h, float* out, sl_next nx) {
+                          const float* c3, const float* x, long h, long qb, float* out,
+                          sl_next nx) {
     float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    for (long k0 = 0; k0 < h; k0 += SL_QB) {
+    for (long k0 = 0; k0 < h; k0 += qb) {
         SL_PF4_AT(nx, int8_t, k0);
         float b0 = 0, b1 = 0, b2 = 0, b3 = 0;
-        for (long k = k0; k < k0 + SL_QB; k++) {
+        for (long k = k0; k < k0 + qb; k++) {
             float xv = x[k];
             b0 += (float)w0[k] * xv; b1 += (float)w1[k] * xv;
             b2 += (float)w2[k] * xv; b3 += (float)w3[k] * xv;
         }
-        long b = k0 / SL_QB;
+        long b = k0 / qb;
         s0 += b0 * c0[b]; s1 += b1 * c1[b]; s2 += b2 * c2[b]; s3 += b3 * c3[b];
     }
     out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
@@ -281,19 +283,19 @@ SL_T_AVX2 static float sl_dot1_f32_avx2(const float* a, const float* b, long n) 
 SL_T_AVX2 static void sl_dot4_i8b_avx2(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                        const int8_t* w3, const float* c0, const float* c1,
                                        const float* c2, const float* c3, const float* x,
-                                       long h, float* out, sl_next nx) {
+                                       long h, long qb, float* out, sl_next nx) {
     __m256 t0 = _mm256_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-    for (long k0 = 0; k0 < h; k0 += SL_QB) {
-        SL_PF4_AT(nx, int8_t, k0);
+    for (long k0 = 0; k0 < h; k0 += qb) {
         __m256 b0 = _mm256_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
-        for (long k = k0; k < k0 + SL_QB; k += 8) {
+        for (long k = k0; k < k0 + qb; k += 8) {
+            SL_PF4_AT(nx, int8_t, k);
             __m256 xv = _mm256_loadu_ps(x + k);
             b0 = _mm256_fmadd_ps(sl_ld8_i8(w0 + k), xv, b0);
             b1 = _mm256_fmadd_ps(sl_ld8_i8(w1 + k), xv, b1);
             b2 = _mm256_fmadd_ps(sl_ld8_i8(w2 + k), xv, b2);
             b3 = _mm256_fmadd_ps(sl_ld8_i8(w3 + k), xv, b3);
         }
-        long b = k0 / SL_QB;
+        long b = k0 / qb;
         t0 = _mm256_fmadd_ps(b0, _mm256_set1_ps(c0[b]), t0);
         t1 = _mm256_fmadd_ps(b1, _mm256_set1_ps(c1[b]), t1);
         t2 = _mm256_fmadd_ps(b2, _mm256_set1_ps(c2[b]), t2);
@@ -306,13 +308,14 @@ SL_T_AVX2 static void sl_dot4_i8b_avx2(const int8_t* w0, const int8_t* w1, const
 SL_T_AVX2 static void sl_axpy4_i8b_avx2(float* y, const int8_t* d0, const int8_t* d1,
                                         const int8_t* d2, const int8_t* d3, const float* c0,
                                         const float* c1, const float* c2, const float* c3,
-                                        const float* a, long k0, long k1, sl_next nx) {
-    for (long kb = k0; kb < k1; kb += SL_QB) {
-        long b = kb / SL_QB;
-        SL_PF4_AT(nx, int8_t, kb);
+                                        const float* a, long k0, long k1, long qb,
+                                        sl_next nx) {
+    for (long kb = k0; kb < k1; kb += qb) {
+        long b = kb / qb;
         __m256 a0 = _mm256_set1_ps(a[0] * c0[b]), a1 = _mm256_set1_ps(a[1] * c1[b]),
                a2 = _mm256_set1_ps(a[2] * c2[b]), a3 = _mm256_set1_ps(a[3] * c3[b]);
-        for (long k = kb; k < kb + SL_QB; k += 8) {
+        for (long k = kb; k < kb + qb; k += 8) {
+            SL_PF4_AT(nx, int8_t, k);
             __m256 acc = _mm256_loadu_ps(y + k);
             acc = _mm256_fmadd_ps(sl_ld8_i8(d0 + k), a0, acc);
             acc = _mm256_fmadd_ps(sl_ld8_i8(d1 + k), a1, acc);
@@ -395,16 +398,19 @@ SL_T_512 static inline __m512 sl_ld16_i8u(const int8_t* p) {
 SL_T_512 static void sl_dot4_i8b_512(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                      const int8_t* w3, const float* c0, const float* c1,
                                      const float* c2, const float* c3, const float* x,
-                                     long h, float* out, sl_next nx) {
+                                     long h, long qb, float* out, sl_next nx) {
     __m512 t0 = _mm512_setzero_ps(), t1 = t0, t2 = t0, t3 = t0;
-    for (long k = 0; k < h; k += SL_QB) {
-        SL_PF4_AT(nx, int8_t, k);
-        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-        long b = k / SL_QB;
-        __m512 b0 = _mm512_fmadd_ps(sl_ld16_i8u(w0 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w0 + k), x0));
-        __m512 b1 = _mm512_fmadd_ps(sl_ld16_i8u(w1 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w1 + k), x0));
-        __m512 b2 = _mm512_fmadd_ps(sl_ld16_i8u(w2 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w2 + k), x0));
-        __m512 b3 = _mm512_fmadd_ps(sl_ld16_i8u(w3 + k + 16), x1, _mm512_mul_ps(sl_ld16_i8u(w3 + k), x0));
+    for (long kb = 0; kb < h; kb += qb) {
+        __m512 b0 = _mm512_setzero_ps(), b1 = b0, b2 = b0, b3 = b0;
+        for (long k = kb; k < kb + qb; k += 32) {
+            SL_PF4_AT(nx, int8_t, k);
+            __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
+            b0 = _mm512_fmadd_ps(sl_ld16_i8u(w0 + k + 16), x1, _mm512_fmadd_ps(sl_ld16_i8u(w0 + k), x0, b0));
+            b1 = _mm512_fmadd_ps(sl_ld16_i8u(w1 + k + 16), x1, _mm512_fmadd_ps(sl_ld16_i8u(w1 + k), x0, b1));
+            b2 = _mm512_fmadd_ps(sl_ld16_i8u(w2 + k + 16), x1, _mm512_fmadd_ps(sl_ld16_i8u(w2 + k), x0, b2));
+            b3 = _mm512_fmadd_ps(sl_ld16_i8u(w3 + k + 16), x1, _mm512_fmadd_ps(sl_ld16_i8u(w3 + k), x0, b3));
+        }
+        long b = kb / qb;
         t0 = _mm512_fmadd_ps(b0, _mm512_set1_ps(c0[b]), t0);
         t1 = _mm512_fmadd_ps(b1, _mm512_set1_ps(c1[b]), t1);
         t2 = _mm512_fmadd_ps(b2, _mm512_set1_ps(c2[b]), t2);
@@ -416,13 +422,14 @@ SL_T_512 static void sl_dot4_i8b_512(const int8_t* w0, const int8_t* w1, const i
 SL_T_512 static void sl_axpy4_i8b_512(float* y, const int8_t* d0, const int8_t* d1,
                                       const int8_t* d2, const int8_t* d3, const float* c0,
                                       const float* c1, const float* c2, const float* c3,
-                                      const float* a, long k0, long k1, sl_next nx) {
-    for (long kb = k0; kb < k1; kb += SL_QB) {
-        long b = kb / SL_QB;
-        SL_PF4_AT(nx, int8_t, kb);
+                                      const float* a, long k0, long k1, long qb,
+                                      sl_next nx) {
+    for (long kb = k0; kb < k1; kb += qb) {
+        long b = kb / qb;
         __m512 a0 = _mm512_set1_ps(a[0] * c0[b]), a1 = _mm512_set1_ps(a[1] * c1[b]),
                a2 = _mm512_set1_ps(a[2] * c2[b]), a3 = _mm512_set1_ps(a[3] * c3[b]);
-        for (long k = kb; k < kb + SL_QB; k += 16) {
+        for (long k = kb; k < kb + qb; k += 16) {
+            SL_PF4_AT(nx, int8_t, k);
             __m512 acc = _mm512_loadu_ps(y + k);
             acc = _mm512_fmadd_ps(sl_ld16_i8u(d0 + k), a0, acc);
             acc = _mm512_fmadd_ps(sl_ld16_i8u(d1 + k), a1, acc);
@@ -526,22 +533,22 @@ static inline void sl_axpy4_i8(float* y, const int8_t* d0, const int8_t* d1, con
 static inline void sl_dot4_i8b(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                const int8_t* w3, const float* c0, const float* c1,
                                const float* c2, const float* c3, const float* x, long h,
-                               float* out, sl_next nx) {
+                               long qb, float* out, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_dot4_i8b_512(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out, nx); return; }
-    if (sl_isa == SL_AVX2) { sl_dot4_i8b_avx2(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out, nx); return; }
+    if (sl_isa >= SL_AVX512) { sl_dot4_i8b_512(w0, w1, w2, w3, c0, c1, c2, c3, x, h, qb, out, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_dot4_i8b_avx2(w0, w1, w2, w3, c0, c1, c2, c3, x, h, qb, out, nx); return; }
 #endif
-    sl_dot4_i8b_c(w0, w1, w2, w3, c0, c1, c2, c3, x, h, out, nx);
+    sl_dot4_i8b_c(w0, w1, w2, w3, c0, c1, c2, c3, x, h, qb, out, nx);
 }
 static inline void sl_axpy4_i8b(float* y, const int8_t* d0, const int8_t* d1, const int8_t* d2,
                                 const int8_t* d3, const float* c0, const float* c1,
                                 const float* c2, const float* c3, const float* a, long k0,
-                                long k1, sl_next nx) {
+                                long k1, long qb, sl_next nx) {
 #if SL_X86
-    if (sl_isa >= SL_AVX512) { sl_axpy4_i8b_512(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, nx); return; }
-    if (sl_isa == SL_AVX2) { sl_axpy4_i8b_avx2(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, nx); return; }
+    if (sl_isa >= SL_AVX512) { sl_axpy4_i8b_512(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, qb, nx); return; }
+    if (sl_isa == SL_AVX2) { sl_axpy4_i8b_avx2(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, qb, nx); return; }
 #endif
-    sl_axpy4_i8b_c(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, nx);
+    sl_axpy4_i8b_c(y, d0, d1, d2, d3, c0, c1, c2, c3, a, k0, k1, qb, nx);
 }
 static inline float sl_dot1_f32(const float* a, const float* b, long n) {
 #if SL_X86

@@ -2,16 +2,17 @@
  *
  *     sl_quant_x_i8(x, h, 64, xq, sx);              // once per call and batch row
  *     sl_abs_i8(xq, h64, xa);                        // |xq| as u8 (the u8 operand)
- *     sl_dot4_i8q(w0, w1, w2, w3, c0, c1, c2, c3, xq, xa, sx, h, out, nx);
+ *     sl_dot4_i8q(w0, w1, w2, w3, c0, c1, c2, c3, xq, xa, sx, h, qb, out, nx);
  *
  * x is quantized per group of 64 channels: ``sx[g] = max |x| / 127`` and
  * ``xq = round(x / sx[g])`` (|xq| <= 127; a group of zeros gets sx = 0, xq = 0); the
  * buffers are padded with zeros to a whole group. Row r's result is
  *
  *     per-row weights (c0 == NULL):  sum_g sx[g] * D_g            (the caller applies the row scale)
- *     blocks of 32 (c_i[b] scales):  sum_g sx[g] * (c[2g] * D_g,lo + c[2g+1] * D_g,hi)
+ *     blocks of qb (c_i[b] scales):  sum_g sx[g] * (c[64g / qb] * D_g,lo + c[(64g + 32) / qb] * D_g,hi)
  *
- * with ``D = sum_k xq[k] * w[k]`` over the group (lo / hi: its two halves of 32), exact in
+ * (qb = 32, 64, 128 or 256; from 64 on both halves share a scale) with
+ * ``D = sum_k xq[k] * w[k]`` over the group (lo / hi: its two halves of 32), exact in
  * int32; the sums over groups are float32. The float64 reference is the same formula over
  * the dequantized weights and the dequantized x.
  *
@@ -69,7 +70,7 @@ static inline void sl_abs_i8(const int8_t* xq, long n, uint8_t* xa) {
 
 /* ---------------------------------------------------------------- portable C ------ */
 static void sl_dot4_i8q_c(const int8_t* const* w, const float* const* c, const int8_t* xq,
-                          const float* sx, long h, float* out, sl_next nx) {
+                          const float* sx, long h, long qb, float* out, sl_next nx) {
     for (int r = 0; r < 4; r++) {
         float acc = 0.0f;
         for (long g0 = 0, gi = 0; g0 < h; g0 += SL_QG, gi++) {
@@ -80,8 +81,8 @@ static void sl_dot4_i8q_c(const int8_t* const* w, const float* const* c, const i
             if (c[0] == NULL) {
                 acc += sx[gi] * (float)(d[0] + d[1]);
             } else {
-                float part = c[r][2 * gi] * (float)d[0];
-                if (g0 + 32 < h) part += c[r][2 * gi + 1] * (float)d[1];
+                float part = c[r][g0 / qb] * (float)d[0];
+                if (g0 + 32 < h) part += c[r][(g0 + 32) / qb] * (float)d[1];
                 acc += sx[gi] * part;
             }
         }
@@ -103,7 +104,7 @@ SL_T_AVX2 static inline __m256i sl_qdot32_avx2(const int8_t* w, __m256i xs, __m2
 
 SL_T_AVX2 static void sl_dot4_i8q_avx2(const int8_t* const* w, const float* const* c,
                                        const int8_t* xq, const uint8_t* xa, const float* sx,
-                                       long h, float* out, sl_next nx) {
+                                       long h, long qb, float* out, sl_next nx) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                      _mm256_setzero_ps()};
@@ -115,7 +116,7 @@ SL_T_AVX2 static void sl_dot4_i8q_avx2(const int8_t* const* w, const float* cons
         long gi = k / SL_QG;
         for (int r = 0; r < 4; r++) {
             __m256i d = sl_qdot32_avx2(w[r] + k, xs, xv, ones);
-            float s = c[0] == NULL ? sx[gi] : sx[gi] * c[r][k / 32];
+            float s = c[0] == NULL ? sx[gi] : sx[gi] * c[r][k / qb];
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(s), acc[r]);
         }
     }
@@ -134,7 +135,8 @@ SL_T_AVX2 static void sl_dot4_i8q_avx2(const int8_t* const* w, const float* cons
  * vpdpbusd gives 16 int32 lanes of 4-weight sums; lanes 0-7 are the group's first half. */
 SL_T_VNNI512 static void sl_dot4_i8q_vnni(const int8_t* const* w, const float* const* c,
                                           const int8_t* xq, const uint8_t* xa,
-                                          const float* sx, long h, float* out, sl_next nx) {
+                                          const float* sx, long h, long qb, float* out,
+                                          sl_next nx) {
     const __m512i zero = _mm512_setzero_si512();
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
@@ -150,8 +152,11 @@ SL_T_VNNI512 static void sl_dot4_i8q_vnni(const int8_t* const* w, const float* c
             wv = _mm512_mask_sub_epi8(wv, neg, zero, wv);
             __m512 d = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, xv, wv));
             __m512 sc = s;
-            if (c[0] != NULL) {
-                /* lanes 0-7: the scale of block 2g, lanes 8-15: of block 2g + 1 */
+            if (c[0] != NULL && qb >= SL_QG) {
+                /* blocks of 64 or more: one weight scale for the whole group */
+                sc = _mm512_mul_ps(_mm512_set1_ps(c[r][k / qb]), s);
+            } else if (c[0] != NULL) {
+                /* blocks of 32: lanes 0-7 take the scale of block 2g, lanes 8-15 of 2g + 1 */
                 float hi = k + 32 < h ? c[r][2 * gi + 1] : 0.0f;
                 __m512d lo = _mm512_castps_pd(_mm512_set1_ps(c[r][2 * gi]));
                 __m512 cb = _mm512_castpd_ps(
@@ -180,20 +185,20 @@ static inline int sl_has_avx512vnni(void) {
 static inline void sl_dot4_i8q(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                const int8_t* w3, const float* c0, const float* c1,
                                const float* c2, const float* c3, const int8_t* xq,
-                               const uint8_t* xa, const float* sx, long h, float* out,
-                               sl_next nx) {
+                               const uint8_t* xa, const float* sx, long h, long qb,
+                               float* out, sl_next nx) {
     const int8_t* w[4] = {w0, w1, w2, w3};
     const float* c[4] = {c0, c1, c2, c3};
 #if SL_X86
     if (sl_isa >= SL_AVX512 && sl_has_avx512vnni()) {
-        sl_dot4_i8q_vnni(w, c, xq, xa, sx, h, out, nx);
+        sl_dot4_i8q_vnni(w, c, xq, xa, sx, h, qb, out, nx);
         return;
     }
-    /* blocks of 32 need h % 32 == 0 (the format guarantees it) */
-    if (sl_isa >= SL_AVX2) { sl_dot4_i8q_avx2(w, c, xq, xa, sx, h, out, nx); return; }
+    /* blocks need h % qb == 0 (the format guarantees it) */
+    if (sl_isa >= SL_AVX2) { sl_dot4_i8q_avx2(w, c, xq, xa, sx, h, qb, out, nx); return; }
 #endif
     (void)xa;
-    sl_dot4_i8q_c(w, c, xq, sx, h, out, nx);
+    sl_dot4_i8q_c(w, c, xq, sx, h, qb, out, nx);
 }
 
 /* the name of the path sl_dot4_i8q takes on this CPU at the current ISA */

@@ -1,0 +1,153 @@
+"""What the kernels' next-row prefetch buys and how far ahead it should reach: every format
+and kernel with it off, at fixed distances and at the default, interleaved in one loop.
+
+    python experiments/bench_prefetch.py           # ~2 min on 2 cores
+    python experiments/bench_prefetch.py --reps 41 --threads 1 2
+
+Llama-3.2-3B MLP shapes, batch 1, random weights and active sets. ``_fast._mlp._set_prefetch``
+sets how many row pairs (gate/up pass) or groups of four (down pass) ahead the kernels
+prefetch; 0 turns the prefetch off, -1 restores the default (about 96 KiB ahead: 2 pairs of
+fp32 rows on these shapes, 4 of bf16, 8 of int8). Each call sets the knob, then runs the kernel, so the
+settings are timed rep by rep in rotation like any other compared methods. Writes
+``experiments/results/bench_prefetch.{csv,md}``: medians with quartiles, and the speedup of
+each setting over no prefetch (ratio of medians). The default (``PF_BYTES`` in
+``_mlp.pyx``) is read off this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sparselab import _fast
+from sparselab._fast import _mlp
+from sparselab._version import versions
+from sparselab.evaluation.kernel_bench import (
+    SHAPES,
+    format_weights,
+    interleaved,
+    random_mask,
+    stats_ms,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row")
+AHEAD = (0, 1, 2, 4, 8, -1)  # pairs ahead; 0: off, -1: the default (about 96 KiB ahead)
+
+
+def prefetch_fns(fw, x32, mask, idx, threads: int) -> dict:
+    """(format, kernel, ahead) -> a call that sets the prefetch distance, then runs the kernel."""
+    fns = {}
+    for f in FORMATS:
+        g, u, dt = fw[f]
+        xf = x32.to(torch.bfloat16) if f == "bfloat16" else x32
+        cache = _fast.WeightCache(g, u, down_t=dt)
+        cache.update(mask)
+        indexed = _fast.IndexedMLP(g, u, dt, "silu", threads)
+        kernels = {"cache_kernel": lambda c=cache, xf=xf: c.forward(xf, "silu", n_threads=threads),
+                   "index_kernel": lambda m=indexed, xf=xf: m(xf, idx)}
+        for kernel, run in kernels.items():
+            for ahead in AHEAD:
+                def call(run=run, ahead=ahead):
+                    _mlp._set_prefetch(ahead)
+                    return run()
+                fns[(f, kernel, ahead)] = call
+    return fns
+
+
+def measure(shape: str, densities, threads, reps: int, seed: int = 0) -> pd.DataFrame:
+    hidden, inter = SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    fw = format_weights(torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+                        torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+                        torch.randn(hidden, inter, generator=gen) / inter**0.5)
+    x32 = torch.randn(1, hidden, generator=gen)
+    rows = []
+    try:
+        for nt in threads:
+            for dens in densities:
+                mask = random_mask(inter, dens, rng)
+                t = interleaved(prefetch_fns(fw, x32, mask, np.flatnonzero(mask), nt), reps)
+                for (f, kernel, ahead), ns in t.items():
+                    med, q1, q3 = stats_ms(ns)
+                    rows.append(dict(shape=shape, threads=nt, density=dens, format=f,
+                                     kernel=kernel, ahead=ahead, median_ms=med, q1_ms=q1,
+                                     q3_ms=q3, reps=reps))
+                print(f"threads {nt}, d = {dens}: done", flush=True)
+    finally:
+        _mlp._set_prefetch(-1)  # the shipped default
+    df = pd.DataFrame(rows)
+    off = df[df.ahead == 0].set_index(["threads", "density", "format", "kernel"]).median_ms
+    key = ["threads", "density", "format", "kernel"]
+    df["speedup_vs_off"] = (df.set_index(key).index.map(off) / df.median_ms).round(3)
+    return df
+
+
+def markdown(df: pd.DataFrame, args) -> str:
+    table = df.pivot_table(index=["threads", "density", "format", "kernel"], columns="ahead",
+                           values="speedup_vs_off").reset_index()
+    # the fixed distances in order, then the default
+    table = table[[c for c in table.columns if isinstance(c, str) or c >= 0]
+                  + [c for c in table.columns if not isinstance(c, str) and c < 0]]
+    table.columns = [c if isinstance(c, str) else "default" if c < 0 else f"{c} ahead"
+                     for c in table.columns]
+    ms_off = df[df.ahead == 0].set_index(["threads", "density", "format", "kernel"]).median_ms
+    table.insert(4, "off ms", table.set_index(["threads", "density", "format", "kernel"])
+                 .index.map(ms_off).round(3))
+    lines = [
+        "# Next-row prefetch in the sparse MLP kernels", "",
+        f"- {time.strftime('%Y-%m-%d %H:%M')}, `python experiments/bench_prefetch.py "
+        f"--reps {args.reps} --threads {' '.join(map(str, args.threads))}`",
+        f"- machine: {_cpu()}; `_fast.info()`: {_fast.info()}",
+        f"- versions: {versions()}",
+        f"- {args.shape} shapes, batch 1, medians of {args.reps} interleaved repeats; columns "
+        "'k ahead' (k pairs / groups of four rows) and 'default' are the speedup over no "
+        "prefetch (off ms / ms), ratio of medians", "",
+        "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns),
+    ]
+    for row in table.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
+                                       for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama3.2-3b", choices=sorted(SHAPES))
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=21)
+    args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        df = measure(args.shape, args.densities, args.threads, args.reps)
+    finally:
+        torch.set_num_threads(threads)
+    RESULTS.mkdir(exist_ok=True)
+    df.to_csv(RESULTS / "bench_prefetch.csv", index=False)
+    md = markdown(df, args)
+    (RESULTS / "bench_prefetch.md").write_text(md)
+    print(md)
+    return df
+
+
+if __name__ == "__main__":
+    main()
