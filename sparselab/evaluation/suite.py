@@ -347,9 +347,9 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
 def variant_factories(setup: Setup) -> dict[str, Callable | None]:
     """Name -> None (the model as it is) or a factory that sparsifies it (undone by ``restore``).
 
-    With ``weights`` ``"int8"`` / ``"int8_rows"`` every sparse variant runs int8 MLP weights,
-    and ``dense`` is the dense int8 MLP: all neurons through the same by-index kernel
-    (``dense_float`` is then the float model as it is).
+    With ``weights`` an int8 format (``"int8"``, ``"int8_b64"``, ``"int8_rows"``) every
+    sparse variant runs int8 MLP weights, and ``dense`` is the dense int8 MLP: all neurons
+    through the same by-index kernel (``dense_float`` is then the float model as it is).
     """
     model, p, weights = setup.model, setup.predictors, setup.config["weights"]
 
@@ -358,8 +358,8 @@ def variant_factories(setup: Setup) -> dict[str, Callable | None]:
                                 weights=weights)
 
     def dense_int8():
-        n = adapter_for(model).n_neurons
-        every = {i: torch.arange(n) for i in range(adapter_for(model).n_layers)}
+        adapter = adapter_for(model)
+        every = {i: torch.arange(adapter.n_neurons) for i in range(adapter.n_layers)}
         return sparsify(model, mode="static", static_neurons=every, use_cache=False,
                         kernel="fast", weights=weights)
 
