@@ -481,3 +481,37 @@ def test_int8_benchmark_runs_a_dense_int8_baseline_beside_the_float_model(tmp_pa
     assert {t["variant"] for t in latest["targets"]} == {"sparse_direct"}  # not the reference
     md = (tmp_path / "res" / "tiny_int8.md").read_text()
     assert "dense is the dense int8 MLP" in md and "against the float model (dense_float)" in md
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variants": ["dense", "dense_kernel"], "weights": "int8"}, "'dense' already runs the kernel"),
+    ({"prefill": "dense"}, "prefill .* is a choice of predictors.kind 'method'"),
+])
+def test_reference_and_prefill_config_errors_name_the_problem(tmp_path, change, message):
+    rb = _load_run_benchmark()
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(tiny_bench_config(**change)))
+    with pytest.raises(ValueError, match=message):
+        rb.load_config(path)
+
+
+def test_dense_kernel_reference_runs_every_neuron_through_the_kernel(tmp_path):
+    rb = _load_run_benchmark()
+    path = tmp_path / "tiny_dk.json"
+    path.write_text(json.dumps(tiny_bench_config(
+        name="tiny_dk", max_new_tokens=4, warmup_runs=0, num_runs=2,
+        variants=["dense", "sparse_direct", "dense_kernel"])))
+    threads = torch.get_num_threads()
+    try:
+        rb.main(["--config", str(path), "--threads", "1", "--out", str(tmp_path / "res")])
+    finally:
+        torch.set_num_threads(threads)
+    latest = json.loads((tmp_path / "res" / "tiny_dk.json").read_text())
+    split = latest["split_ms"]
+    assert split["dense_kernel"]["active_density"] == 1.0 and split["dense_kernel"]["kernel_ms"] > 0
+    assert split["dense"].get("kernel_ms") is None  # the model as it is
+    assert {t["variant"] for t in latest["targets"]} == {"sparse_direct"}  # not the reference
+    md = (tmp_path / "res" / "tiny_dk.md").read_text()
+    section = md.split("## Against the dense MLP through the same kernel (dense_kernel)")[1]
+    assert "sparse_direct" in section and "| sparse_direct | kernel |" in section
+    assert "| dense | " not in section  # only sparse variants in its gap table

@@ -175,7 +175,7 @@ def test_benchmark_method_configs_load_and_mismatched_variants_are_rejected():
     configs = Path(__file__).resolve().parents[1] / "experiments" / "configs"
     for name in ("smollm2_135m_shadow_cal", "smollm2_135m_shadow"):
         config = load_config(configs / f"{name}.json")
-        assert config["predictors"]["kind"] == "method" and config["variants"] == ["dense", "sparse_method"]
+        assert config["predictors"]["kind"] == "method" and config["variants"][:2] == ["dense", "sparse_method"]
         with pytest.raises(ValueError, match="sparse_method"):
             check_config({**config, "variants": ["dense", "sparse_direct"]})
     trained = load_config(configs / "smollm2_135m.json")
@@ -211,3 +211,35 @@ def test_recorder_sees_the_compiled_decode_selection():
         h_ref = (torch.nn.functional.silu(x.double() @ w.gate.double().T) * (x.double() @ w.up.double().T))
         torch.testing.assert_close(trace.activations(layer)[decode].double(), h_ref * computed,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_method_with_dense_prefill_computes_the_prompt_dense_and_decode_sparse():
+    """``prefill="dense"``: the prompt's logits are the dense model's, bit for bit, and its
+    tokens count as dense bytes; decode steps still run the compiled selection; the
+    default (per token) selects for the prompt too; "union" does not apply to a method."""
+    import sparselab as sl
+
+    model, _ = _tiny()
+    ids = torch.randint(3, 97, (1, 12), generator=torch.Generator().manual_seed(3))
+    method = M.Shadow(0.4, x_bits=8).fit(model)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+        with sl.sparsify(model, method=method, prefill="dense") as handle:
+            assert handle.config["prefill"] == "dense"
+            assert torch.equal(model(input_ids=ids).logits, dense)
+            assert handle.bytes_share() == pytest.approx(1.0)  # 12 prompt tokens, all dense
+            out = model.generate(ids, max_new_tokens=4, do_sample=False)
+            stats = handle.stats()
+            share = handle.bytes_share()
+        with sl.sparsify(model, method=method) as handle:
+            assert handle.config["prefill"] == "per_token"
+            assert not torch.allclose(model(input_ids=ids).logits, dense, atol=1e-3)
+    assert out.shape == (1, 16)
+    decode = stats[stats.phase == "decode"]
+    assert len(decode) and (decode.density < 0.6).all()
+    # 12 + 12 (generate's prompt) dense tokens and 3 decode steps at ~0.4 of the rows
+    # plus the 4-bit copies: below dense, above what the decode steps alone would give
+    assert 0.5 < share < 1.0
+    with pytest.raises(ValueError, match="not \"union\""):
+        sl.sparsify(model, method=method, prefill="union")
+    assert not sl.runtime.is_sparsified(model)

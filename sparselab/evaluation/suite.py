@@ -24,7 +24,14 @@ one process (:func:`sparselab.evaluation.compare.compare`). ``predictors.kind = 
 benchmarks a selection method instead (``predictors.method``: ``{"name": "shadow", ...}``,
 the :class:`~sparselab.prediction.methods.Shadow` fields, fitted on training text) as
 variant ``sparse_method``: ``sl.sparsify(model, method=..., kernel="fast")``, whose decode
-steps run the method's compiled selection then the by-index kernel.
+steps run the method's compiled selection then the by-index kernel; its prompt runs
+per token (each token's selection, as the frontier measures) or dense with the config's
+``"prefill": "dense"``.
+
+Reference variants (timed beside the others, never judged against a target):
+``dense_kernel``, the dense MLP through the same by-index kernel (every neuron), which
+separates what sparsity gains from what the kernel gains over torch's dense MLP on this
+CPU; ``dense_float``, the float model beside an int8 dense baseline.
 """
 
 from __future__ import annotations
@@ -78,7 +85,7 @@ __all__ = ["DEFAULTS", "VARIANTS", "Setup", "analyse", "build_random_llama", "ch
            "variant_factories"]
 
 
-VARIANTS = ("dense", "sparse_cache", "sparse_direct", "sparse_method", "dense_float")
+VARIANTS = ("dense", "sparse_cache", "sparse_direct", "sparse_method", "dense_float", "dense_kernel")
 METHODS = ("shadow",)
 PREDICTOR_CACHE_VERSION = 1  # bump when the training recipe below changes
 
@@ -90,6 +97,7 @@ DEFAULTS: dict[str, Any] = {
     "threads": None,
     "variants": ["dense", "sparse_cache", "sparse_direct"],
     "weights": "model",
+    "prefill": None,  # the library's default: dense, but per token for a method
     "memory_interval_s": 0.002,
     "prompt": {"kind": "corpus", "index": 0, "tokens": 64},
 }
@@ -151,10 +159,14 @@ def check_config(config: dict[str, Any]) -> None:
     if unknown or "dense" not in config["variants"]:
         raise ValueError(f"variants must include 'dense' and come from {VARIANTS}, got {config['variants']}")
     is_method = pred["kind"] == "method"
-    if (is_method and not set(config["variants"]) <= {"dense", "sparse_method"}) or (
+    if (is_method and not set(config["variants"]) <= {"dense", "sparse_method", "dense_kernel"}) or (
             not is_method and "sparse_method" in config["variants"]):
-        raise ValueError("predictors.kind 'method' runs the variants dense and sparse_method; "
-                         f"other predictors the others, got {config['variants']}")
+        raise ValueError("predictors.kind 'method' runs the variants dense, sparse_method and "
+                         f"dense_kernel; other predictors the others, got {config['variants']}")
+    prefill = config.get("prefill")
+    if prefill is not None and (not is_method or prefill not in ("dense", "per_token")):
+        raise ValueError("prefill ('dense' or 'per_token') is a choice of predictors.kind 'method'; "
+                         f"got {prefill!r} with predictors.kind {pred['kind']!r}")
     weights = config["weights"]
     if weights not in WEIGHT_FORMATS:
         raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {weights!r}")
@@ -162,6 +174,9 @@ def check_config(config: dict[str, Any]) -> None:
         raise ValueError(f"weights {weights!r} quantizes a float32 model's MLPs for the "
                          "predictor variants: not with predictors.kind 'method' or a model dtype "
                          f"{model.get('dtype')!r}")
+    if weights != "model" and "dense_kernel" in config["variants"]:
+        raise ValueError("variant 'dense_kernel' (the float MLP through the by-index kernel) needs "
+                         f"weights 'model': with {weights!r} weights 'dense' already runs the kernel")
     if weights == "model" and "dense_float" in config["variants"]:
         raise ValueError("variant 'dense_float' (the float model beside an int8 dense baseline) "
                          f"needs int8 weights, one of {WEIGHT_FORMATS[1:]}")
@@ -357,18 +372,17 @@ def variant_factories(setup: Setup) -> dict[str, Callable | None]:
         return lambda: sparsify(model, p, mode="predicted", use_cache=use_cache, kernel="fast",
                                 weights=weights)
 
-    def dense_int8():
+    def dense_kernel():  # every neuron through the by-index kernel, in the config's weights
         adapter = adapter_for(model)
         every = {i: torch.arange(adapter.n_neurons) for i in range(adapter.n_layers)}
         return sparsify(model, mode="static", static_neurons=every, use_cache=False,
                         kernel="fast", weights=weights)
 
-    if setup.config["predictors"]["kind"] == "method":
-        return {name: None if name == "dense" else
-                (lambda: sparsify(model, method=p, kernel="fast"))
-                for name in setup.config["variants"]}
-    all_ = {"dense": None if weights == "model" else dense_int8, "dense_float": None,
-            "sparse_cache": sparse(True), "sparse_direct": sparse(False)}
+    all_ = {"dense": None if weights == "model" else dense_kernel, "dense_float": None,
+            "dense_kernel": dense_kernel, "sparse_cache": sparse(True),
+            "sparse_direct": sparse(False),
+            "sparse_method": lambda: sparsify(model, method=p, kernel="fast",
+                                              prefill=setup.config.get("prefill"))}
     return {name: all_[name] for name in setup.config["variants"]}
 
 

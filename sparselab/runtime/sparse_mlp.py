@@ -392,6 +392,9 @@ class SparseMLP(nn.Module):
             if self.rt.mode == "method":
                 if decode and self._method_fast is not None and x.numel() == x.shape[-1]:
                     return self._decode_method_fast(x)
+                if not decode and self.rt.prefill == "dense":
+                    self._count_bytes(_n_rows(x) * self._dense_bytes, _n_rows(x))
+                    return self._prefill_dense(x)
                 return self._run_method(x, "decode" if decode else "prefill")
             if decode:
                 return self._decode(x)
@@ -407,7 +410,7 @@ class SparseMLP(nn.Module):
     def _run_method(self, x: torch.Tensor, phase: str) -> torch.Tensor:
         """Method mode: each token's selection, the MLP over exactly what it reads, and
         the bytes read counted (pad tokens included)."""
-        from sparselab.prediction.selection import dense_mlp_bytes, selected_h, selection_bytes
+        from sparselab.prediction.selection import selected_h, selection_bytes
 
         clock = self.rt.clock
         x2 = x.reshape(-1, x.shape[-1])
@@ -421,15 +424,28 @@ class SparseMLP(nn.Module):
         if self._observers:
             self._report(x, phase, torch.ones(self.n_neurons, dtype=torch.bool) if keep is None else keep,
                          h, a)
-        nbytes = selection_bytes(selection, w, x2.shape[0])
-        log = self.rt.bytes_read.setdefault(self.layer_index, [0.0, 0, float(dense_mlp_bytes(w))])
-        log[0] += float(nbytes.sum())
-        log[1] += x2.shape[0]
+        self._count_bytes(float(selection_bytes(selection, w, x2.shape[0]).sum()), x2.shape[0])
         if self.rt.record_stats:
             active = float(self.n_neurons if keep is None else keep.sum(-1).double().mean())
             self._record(phase, x2.shape[0], None, StepTimes(predictor=t1 - t0, mlp=t2 - t1),
                          active=active)
         return y.reshape(x.shape)
+
+    @property
+    def _dense_bytes(self) -> int:
+        """Bytes of this layer's dense MLP weights (method mode)."""
+        from sparselab.prediction.selection import dense_mlp_bytes
+
+        return dense_mlp_bytes(self._mlp_weights)
+
+    def _count_bytes(self, nbytes: float, n_tokens: int) -> None:
+        """Add what ``n_tokens`` tokens read to this layer's count (method mode; what
+        :meth:`~sparselab.runtime.handle.SparseHandle.bytes_share` reports)."""
+        log = self.rt.bytes_read.get(self.layer_index)
+        if log is None:
+            log = self.rt.bytes_read[self.layer_index] = [0.0, 0, float(self._dense_bytes)]
+        log[0] += nbytes
+        log[1] += n_tokens
 
     def _decode_method_fast(self, x: torch.Tensor) -> torch.Tensor:
         """One decode row in method mode: the method's compiled selection (e.g. the 4-bit
@@ -449,11 +465,7 @@ class SparseMLP(nn.Module):
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         t2 = clock()
-        log = self.rt.bytes_read.get(self.layer_index)
-        if log is None:
-            log = self.rt.bytes_read[self.layer_index] = [0.0, 0, float(3 * self.n_neurons * row)]
-        log[0] += float(3 * len(idx) * row + extra)
-        log[1] += 1
+        self._count_bytes(float(3 * len(idx) * row + extra), 1)
         if self.rt.record_stats:
             self._record("decode", 1, mask, StepTimes(predictor=t1 - t0, mlp=t2 - t1), active=len(idx))
         if self._observers:

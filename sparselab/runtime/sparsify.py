@@ -125,7 +125,7 @@ def sparsify(
     density: float | None = None,
     static_neurons: Mapping[int, Any] | None = None,
     layers: Iterable[int] | None = None,
-    prefill: str = "dense",
+    prefill: str | None = None,
     use_cache: bool = True,
     union: bool = True,
     kernel: str = "fast",
@@ -151,14 +151,17 @@ def sparsify(
       under ``rule``).
     - ``layers``: model layer numbers to sparsify (default: all, or those the predictors
       or static sets cover); the others stay dense.
-    - ``prefill``: ``"dense"``, ``"union"`` (one mask over all prompt tokens), or
-      ``"per_token"`` (each token's own mask, applied in torch).
+    - ``prefill``: ``"dense"`` (the default, but in mode ``"method"``), ``"union"`` (one
+      mask over all prompt tokens), or ``"per_token"`` (each token's own mask, applied in
+      torch; the default in mode ``"method"``).
     - ``use_cache=False``: direct gather kernel instead of the weight cache;
       ``union=False``: per-row masks instead of one union per batch (oracle mode too).
     - ``kernel``: ``"fast"`` (sparselab._fast) or ``"torch"`` (index_select + matmul).
     - ``method``: a fitted :class:`~sparselab.prediction.selection.SelectionMethod`
-      (mode ``"method"``, also when passed as ``predictors``); ``prefill``, ``use_cache``,
-      ``union`` do not apply to it (every token gets its own selection). With
+      (mode ``"method"``, also when passed as ``predictors``); every token gets its own
+      selection (``prefill="per_token"``, what quality evaluation measures), or prefill
+      runs dense and only decode steps select (``prefill="dense"``, the usual deployment:
+      the prompt costs what it costs dense); ``use_cache`` and ``union`` do not apply. With
       ``kernel="fast"`` a method that has a compiled decode step (``method.fast_decode``:
       ``Shadow(..., x_bits=8)``) runs single-row decode steps as its compiled selection
       then the by-index kernel over the chosen rows (the same rows as its ``select``, up
@@ -204,7 +207,12 @@ def sparsify(
         raise ValueError(f'method= runs in mode="method", not mode={mode!r}')
     check_choice("mode", mode, SPARSIFY_MODES)
     check_choice("kernel", kernel, KERNELS)
+    if prefill is None:  # a method selects for every token unless told to prefill dense
+        prefill = "per_token" if mode == "method" else "dense"
     check_choice("prefill", prefill, PREFILLS)
+    if mode == "method" and prefill == "union":
+        raise ValueError('mode="method" selects per token: prefill must be "per_token" or '
+                         '"dense", not "union"')
     check_choice("weights", weights, WEIGHT_FORMATS)
     if density is not None:
         density = check_fraction("density", density)
