@@ -15,6 +15,8 @@ Modules, each one concept (the compiled ``_*.pyx`` behind them trust their input
   (:func:`sparse_mlp`, :class:`IndexedMLP`);
 - :mod:`~sparselab._fast.selector`: :class:`LowRankSelector`, a predictor's scores,
   threshold and batch union in one pass;
+- :mod:`~sparselab._fast.pages`: 2 MiB pages under weight memory (``use_huge_pages``;
+  :class:`IndexedMLP` collapses its weights; ``SPARSELAB_HUGE_PAGES=0`` turns it off);
 - :mod:`~sparselab._fast._validate`: the argument checks every entry point runs first.
 
 Every public function validates all of its arguments (shape, dtype, contiguity, index range,

@@ -32,6 +32,10 @@ Reference variants (timed beside the others, never judged against a target):
 ``dense_kernel``, the dense MLP through the same by-index kernel (every neuron), which
 separates what sparsity gains from what the kernel gains over torch's dense MLP on this
 CPU; ``dense_float``, the float model beside an int8 dense baseline.
+
+After loading, every parameter is collapsed to 2 MiB pages
+(:func:`~sparselab._fast.pages.use_huge_pages`), so every variant runs on the same kind of
+pages; ``SPARSELAB_HUGE_PAGES=0`` keeps 4 KiB pages throughout.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from sparselab._fast.pages import use_huge_pages
 from sparselab._version import versions
 from sparselab.evaluation.byte_bound import (
     DecodeBytes,
@@ -321,6 +326,9 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
     input_ids = make_prompt(config, tokenizer, model.config.vocab_size)
     with torch.no_grad():  # fault in lazily mapped weight pages: RSS then shows the model
         model(input_ids=input_ids[:, :1], use_cache=False)
+    # every variant on 2 MiB pages from the start: else the first sparsify (IndexedMLP) would
+    # collapse the MLP weights mid-run, and the dense baseline would have run on 4 KiB pages
+    use_huge_pages(*model.parameters())
     release_memory()
     rss_model = rss_bytes() - before
     dtype = next(model.parameters()).dtype

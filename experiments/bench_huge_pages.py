@@ -1,0 +1,165 @@
+"""What 2 MiB pages under the weights buy the by-index kernel: every format with its
+weights in 4 KiB pages and collapsed to 2 MiB pages, interleaved in one loop.
+
+    python experiments/bench_huge_pages.py           # ~1 min on 2 cores
+    python experiments/bench_huge_pages.py --reps 61 --threads 1 2
+
+Llama-3.2-3B MLP shapes, batch 1, random weights and active sets. Each format's weights
+are built twice from the same float weights: one copy goes to
+``IndexedMLP(..., huge_pages=False)`` and stays in 4 KiB pages (transparent huge pages in
+``madvise`` mode give unadvised memory none), the other to ``IndexedMLP(...)``, which
+collapses it (``sparselab._fast.pages.use_huge_pages``: ``MADV_HUGEPAGE`` then
+``MADV_COLLAPSE``). Both are checked to give the same bits, and ``/proc/self/smaps`` is
+read to check which pages each copy really has. Writes
+``experiments/results/bench_huge_pages.{csv,md}``: medians with quartiles, and the
+speedup of 2 MiB pages (ratio of medians, 4 KiB ms / 2 MiB ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sparselab import _fast
+from sparselab._fast.pages import resident_huge_bytes
+from sparselab._version import versions
+from sparselab.evaluation.kernel_bench import (
+    SHAPES,
+    format_weights,
+    interleaved,
+    random_mask,
+    stats_ms,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row")
+PAGES = ("4k", "2m")
+MIB = 1 << 20
+
+
+def _tensors(weights) -> list[torch.Tensor]:
+    """The tensors the kernel reads (the int8 codes, not the per-row scales)."""
+    return [getattr(w, "q", w) for w in weights]
+
+
+def two_copies(g32, u32, d32) -> dict:
+    """'4k' and '2m' -> every format's (gate, up, down_t), built separately from clones of
+    the same float weights, so the two sides share no memory."""
+    return {p: format_weights(g32.clone(), u32.clone(), d32.clone()) for p in PAGES}
+
+
+def kernels(copies, threads: int) -> dict:
+    """(format, pages) -> IndexedMLP; only the '2m' side is collapsed."""
+    return {(f, p): _fast.IndexedMLP(*copies[p][f], "silu", threads, huge_pages=p == "2m")
+            for f in FORMATS for p in PAGES}
+
+
+def page_check(copies) -> dict:
+    """(format, pages) -> MiB of the weights' mappings in huge pages, from smaps."""
+    return {(f, p): resident_huge_bytes(*_tensors(copies[p][f])) / MIB
+            for f in FORMATS for p in PAGES}
+
+
+def measure(shape: str, densities, threads, reps: int, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    hidden, inter = SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    copies = two_copies(torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+                        torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+                        torch.randn(hidden, inter, generator=gen) / inter**0.5)
+    x32 = torch.randn(1, hidden, generator=gen)
+    xs = {f: x32.to(torch.bfloat16) if f == "bfloat16" else x32 for f in FORMATS}
+    rows, collapsed = [], {}
+    for nt in threads:
+        mlps = kernels(copies, nt)
+        collapsed.update({f: mlps[(f, "2m")].huge_page_bytes / MIB for f in FORMATS
+                          if mlps[(f, "2m")].huge_page_bytes})
+        for dens in densities:
+            idx = np.flatnonzero(random_mask(inter, dens, rng))
+            for f in FORMATS:  # advice never changes a bit: check it on every case
+                if not torch.equal(mlps[(f, "4k")](xs[f], idx), mlps[(f, "2m")](xs[f], idx)):
+                    raise AssertionError(f"{f}, d = {dens}: 4 KiB and 2 MiB pages disagree")
+            fns = {k: (lambda m=m, x=xs[k[0]], i=idx: m(x, i)) for k, m in mlps.items()}
+            t = interleaved(fns, reps)
+            for (f, p), ns in t.items():
+                med, q1, q3 = stats_ms(ns)
+                rows.append(dict(shape=shape, threads=nt, density=dens, format=f, pages=p,
+                                 median_ms=med, q1_ms=q1, q3_ms=q3, reps=reps))
+            print(f"threads {nt}, d = {dens}: done", flush=True)
+    if not collapsed:
+        raise SystemExit("nothing was collapsed to huge pages (SPARSELAB_HUGE_PAGES=0, THP "
+                         "'never', or a kernel without MADV_COLLAPSE): nothing to compare")
+    df = pd.DataFrame(rows)
+    small = df[df.pages == "4k"].set_index(["threads", "density", "format"]).median_ms
+    df["speedup_2m"] = (df.set_index(["threads", "density", "format"]).index.map(small)
+                        / df.median_ms).round(3)
+    return df, dict(collapsed_mib=collapsed, resident_mib=page_check(copies))
+
+
+def markdown(df: pd.DataFrame, info: dict, args) -> str:
+    key = ["threads", "density", "format"]
+    side = {p: df[df.pages == p].set_index(key) for p in PAGES}
+    res = info["resident_mib"]
+    lines = [
+        "# By-index kernel: weights in 4 KiB pages against 2 MiB pages", "",
+        f"- {time.strftime('%Y-%m-%d %H:%M')}, `python experiments/bench_huge_pages.py "
+        f"--reps {args.reps} --threads {' '.join(map(str, args.threads))}`",
+        f"- machine: {_cpu()}; `_fast.info()`: {_fast.info()}",
+        f"- versions: {versions()}",
+        f"- {args.shape} shapes, batch 1, medians (quartiles) of {args.reps} interleaved "
+        "repeats; '4k/2m' is the speedup of 2 MiB pages, ratio of medians; same output "
+        "bits on both sides (checked for every case)",
+        "- huge pages per format from /proc/self/smaps after the run (MiB, 4 KiB side / "
+        "2 MiB side): " + ", ".join(f"{f} {res[(f, '4k')]:.0f} / {res[(f, '2m')]:.0f}"
+                                    for f in FORMATS), "",
+        "| threads | density | format | 4 KiB pages ms | 2 MiB pages ms | 4k/2m |",
+        "|---|---|---|---|---|---|",
+    ]
+    for k, r4 in side["4k"].iterrows():
+        r2 = side["2m"].loc[k]
+        lines.append(f"| {k[0]} | {k[1]:.0%} | {k[2]} "
+                     f"| {r4.median_ms:.3f} ({r4.q1_ms:.3f}-{r4.q3_ms:.3f}) "
+                     f"| {r2.median_ms:.3f} ({r2.q1_ms:.3f}-{r2.q3_ms:.3f}) "
+                     f"| {r2.speedup_2m:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main(argv=None) -> pd.DataFrame:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama3.2-3b", choices=sorted(SHAPES))
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=41)
+    args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        df, info = measure(args.shape, args.densities, args.threads, args.reps)
+    finally:
+        torch.set_num_threads(threads)
+    RESULTS.mkdir(exist_ok=True)
+    df.to_csv(RESULTS / "bench_huge_pages.csv", index=False)
+    md = markdown(df, info, args)
+    (RESULTS / "bench_huge_pages.md").write_text(md)
+    print(md)
+    return df
+
+
+if __name__ == "__main__":
+    main()
