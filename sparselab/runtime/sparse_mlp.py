@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 
 from sparselab.masking.rules import Rule
 from sparselab.models import LayerMLP
-from sparselab.runtime.stats import StepStats, StepTimes
+from sparselab.runtime.stats import StepTimes
 
 __all__ = ["RunState", "SparseCall", "SparseMLP", "is_sparsified"]
 
@@ -64,7 +64,7 @@ class RunState:
     method: Any = None  # a sparselab.prediction.selection.SelectionMethod in method mode
     step: int = -1
     valid: torch.Tensor | None = None  # bool [B, S] of the current call (attention mask)
-    records: list[StepStats] = field(default_factory=list)
+    records: list[tuple] = field(default_factory=list)  # StepStats rows, as tuples
     # method mode: layer -> [weight bytes read, tokens, dense MLP bytes per token]
     bytes_read: dict[int, list[float]] = field(default_factory=dict)
     window: int = 1  # the weight cache holds the neurons of the last `window` steps
@@ -196,6 +196,7 @@ class SparseMLP(nn.Module):
             else (None, None))
         self.lookahead_input: torch.Tensor | None = None
         self._prev = np.zeros(self.n_neurons, dtype=bool)  # last mask (numpy), for churn
+        self._prev_count = 0  # its neurons
         self._mlp_weights = None
         if state.mode == "method":
             from sparselab.prediction.selection import MLPWeights
@@ -357,7 +358,8 @@ class SparseMLP(nn.Module):
     def _record(self, phase: str, n_tokens: int, mask: torch.Tensor | np.ndarray | None,
                 times: StepTimes, cache_stats=None, active: float | None = None,
                 row: int = -1) -> None:
-        """Append one :class:`StepStats`; ``active=None`` counts the neurons of ``mask``."""
+        """Append one :class:`StepStats` row; ``active=None`` counts the neurons of ``mask``
+        (given with a mask, ``active`` must be its count)."""
         if not self.rt.record_stats:
             return
         now = None if mask is None else (mask if isinstance(mask, np.ndarray) else mask.numpy())
@@ -369,17 +371,19 @@ class SparseMLP(nn.Module):
         else:
             added = removed = rows = nbytes = 0
             if now is not None:
-                # numpy on the shared buffers: a few us, where four torch ops cost ~25
-                changed = now != self._prev
-                added = int(np.count_nonzero(changed & now))
-                removed = int(np.count_nonzero(changed)) - added
+                # one numpy pass (bool > bool: in now, not in prev): the decode step runs
+                # this per layer, right after a kernel has evicted Python's data from cache
+                added = int(np.count_nonzero(now > self._prev))
+                removed = self._prev_count - (int(active) - added)
             if self.rt.kernel == "torch" and self.rt.mode != "oracle" and mask is not None:
                 # the torch path gathers the active rows of gate, up and down on every call
                 rows = int(active)
                 nbytes = rows * 3 * self._down_mod.out_features * self._down_mod.weight.element_size()
         if now is not None:
-            self.__dict__["_prev"] = now  # plain attribute: nn.Module.__setattr__ is slow
-        self.rt.records.append(StepStats(
+            d = self.__dict__  # plain attributes: nn.Module.__setattr__ is slow
+            d["_prev"], d["_prev_count"] = now, int(active)
+        # a plain tuple in STAT_COLUMNS order (a StepStats row): no per-call object to build
+        self.rt.records.append((
             self.rt.step, self.layer_index, phase, row, n_tokens, float(active),
             float(active) / self.n_neurons, added, removed, rows, nbytes,
             times.predictor, times.mask, times.cache, times.mlp,

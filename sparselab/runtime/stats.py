@@ -56,6 +56,8 @@ class StepStats:
 STAT_COLUMNS = tuple(f.name for f in fields(StepStats))
 
 
-def stats_frame(records: list[StepStats]) -> pd.DataFrame:
-    """The records as a DataFrame with the :data:`STAT_COLUMNS` columns (also when empty)."""
-    return pd.DataFrame.from_records([astuple(r) for r in records], columns=list(STAT_COLUMNS))
+def stats_frame(records: list) -> pd.DataFrame:
+    """The records (:class:`StepStats`, or tuples of its fields in order, as the runtime
+    stores them) as a DataFrame with the :data:`STAT_COLUMNS` columns (also when empty)."""
+    rows = [astuple(r) if isinstance(r, StepStats) else r for r in records]
+    return pd.DataFrame.from_records(rows, columns=list(STAT_COLUMNS))
