@@ -18,7 +18,6 @@ speedup of 2 MiB pages (ratio of medians, 4 KiB ms / 2 MiB ms).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from sparselab.evaluation.kernel_bench import (
     random_mask,
     stats_ms,
 )
+from sparselab.evaluation.suite_report import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row")
@@ -110,7 +110,7 @@ def markdown(df: pd.DataFrame, info: dict, args) -> str:
         "# By-index kernel: weights in 4 KiB pages against 2 MiB pages", "",
         f"- {time.strftime('%Y-%m-%d %H:%M')}, `python experiments/bench_huge_pages.py "
         f"--reps {args.reps} --threads {' '.join(map(str, args.threads))}`",
-        f"- machine: {_cpu()}; `_fast.info()`: {_fast.info()}",
+        f"- machine: {machine_info()['cpu']}; `_fast.info()`: {_fast.info()}",
         f"- versions: {versions()}",
         f"- {args.shape} shapes, batch 1, medians (quartiles) of {args.reps} interleaved "
         "repeats; '4k/2m' is the speedup of 2 MiB pages, ratio of medians; same output "
@@ -128,16 +128,6 @@ def markdown(df: pd.DataFrame, info: dict, args) -> str:
                      f"| {r2.median_ms:.3f} ({r2.q1_ms:.3f}-{r2.q3_ms:.3f}) "
                      f"| {r2.speedup_2m:.3f} |")
     return "\n".join(lines) + "\n"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> pd.DataFrame:

@@ -17,7 +17,6 @@ each setting over no prefetch (ratio of medians). The default (``PF_BYTES`` in
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from sparselab.evaluation.kernel_bench import (
     random_mask,
     stats_ms,
 )
+from sparselab.evaluation.suite_report import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row")
@@ -105,7 +105,7 @@ def markdown(df: pd.DataFrame, args) -> str:
         "# Next-row prefetch in the sparse MLP kernels", "",
         f"- {time.strftime('%Y-%m-%d %H:%M')}, `python experiments/bench_prefetch.py "
         f"--reps {args.reps} --threads {' '.join(map(str, args.threads))}`",
-        f"- machine: {_cpu()}; `_fast.info()`: {_fast.info()}",
+        f"- machine: {machine_info()['cpu']}; `_fast.info()`: {_fast.info()}",
         f"- versions: {versions()}",
         f"- {args.shape} shapes, batch 1, medians of {args.reps} interleaved repeats; columns "
         "'k ahead' (k pairs / groups of four rows) and 'default' are the speedup over no "
@@ -116,16 +116,6 @@ def markdown(df: pd.DataFrame, args) -> str:
         lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v)
                                        for v in row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> pd.DataFrame:
