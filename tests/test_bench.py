@@ -406,7 +406,7 @@ def test_run_benchmark_main_writes_json_csv_md(tmp_path):
     latest = json.loads((tmp_path / "res" / "tiny.json").read_text())
     for key in ("config", "versions", "torch_threads", "machine", "model", "predictors", "bytes",
                 "bound", "summary", "speedup", "split_ms", "targets", "memory", "runs_csv",
-                "shortfall_ms"):
+                "shortfall_ms", "huge_page_bytes"):
         assert key in latest, key
     assert latest["config"]["num_runs"] == 2 and latest["config"]["max_new_tokens"] == 4
     assert latest["torch_threads"] == 1 and latest["versions"]["torch"] == torch.__version__
@@ -423,7 +423,7 @@ def test_run_benchmark_main_writes_json_csv_md(tmp_path):
     stamped = Path(result["paths"]["json"])
     assert stamped.name.startswith("tiny_") and json.loads(stamped.read_text()) == latest
     md = (tmp_path / "res" / "tiny.md").read_text()
-    assert "## Headline" in md and "## Targets" in md
+    assert "## Headline" in md and "## Targets" in md and "in 2 MiB pages: " in md
 
 
 def test_with_int8_mlp_counts_one_byte_per_weight_plus_scales():

@@ -305,6 +305,7 @@ class Setup:
     rss_before_model: int
     rss_model: int
     predictor_info: dict[str, Any] = field(default_factory=dict)
+    huge_page_bytes: int = 0  # of the model's weights, collapsed to 2 MiB pages
 
 
 def prepare(config: dict[str, Any], threads: int | None = None, progress: bool = True,
@@ -328,7 +329,7 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
         model(input_ids=input_ids[:, :1], use_cache=False)
     # every variant on 2 MiB pages from the start: else the first sparsify (IndexedMLP) would
     # collapse the MLP weights mid-run, and the dense baseline would have run on 4 KiB pages
-    use_huge_pages(*model.parameters())
+    huge_bytes = use_huge_pages(*model.parameters())
     release_memory()
     rss_model = rss_bytes() - before
     dtype = next(model.parameters()).dtype
@@ -359,7 +360,7 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
     return Setup(config=config, model=model, tokenizer=tokenizer, predictors=predictors,
                  input_ids=input_ids, budget=budget,
                  full_budget=full_budget, rss_before_model=before,
-                 rss_model=rss_model, predictor_info=pinfo)
+                 rss_model=rss_model, predictor_info=pinfo, huge_page_bytes=huge_bytes)
 
 
 # --------------------------------------------------------------------------------------
@@ -483,6 +484,7 @@ def measure(setup: Setup, num_runs: int | None = None, warmup_runs: int | None =
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
         "machine": machine,
+        "huge_page_bytes": setup.huge_page_bytes,
         "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "model": model_identity(setup.model),
         "predictors": setup.predictor_info,

@@ -112,7 +112,8 @@ def report(result: dict[str, Any], runs: pd.DataFrame) -> str:
         f"{result['config']['warmup_runs']} warm-up per variant, alternating",
         f"- torch threads {result['torch_threads']}, machine {result['machine']['cpu']} "
         f"({result['machine']['cpu_count_logical']} logical CPUs), load average at start "
-        f"{result['machine']['loadavg']}, torch {result['versions'].get('torch')}",
+        f"{result['machine']['loadavg']}, torch {result['versions'].get('torch')}; model weights "
+        f"in 2 MiB pages: {result.get('huge_page_bytes', 0) / MB:.0f} MiB",
         f"- bytes read per decoded token: {b['total'] / MB:.1f} MiB, MLP share f = {b['f']:.3f}; "
         f"byte bound at d = {density:g}: {bound['bound']:.3f}x, with the predictors' bytes "
         f"{bound['bound_with_predictor']:.3f}x",
