@@ -164,3 +164,30 @@ def test_indexed_mlp_same_bits_on_huge_pages(fmt):
         y = small(x, idx)
         assert torch.equal(y, huge(x, idx))
         assert torch.equal(y, _fast.sparse_mlp(x, *weights(), idx, "silu", threads))
+
+
+def test_weight_cache_buffers_on_huge_pages_same_bits(monkeypatch):
+    """The cache advises its row buffers into 2 MiB pages when it allocates and grows them:
+    the same bits as a cache built with the advice off, and (where the kernel collapses)
+    huge pages under the buffers."""
+    g = torch.Generator().manual_seed(2)
+    n, h = 2048, 1024  # buffers of up to 16 MiB (gate/up) and 8 MiB (down)
+    gate, up, down_t = (torch.randn(n, h, generator=g) / h**0.5 for _ in range(3))
+    x = torch.randn(1, h, generator=g)
+    masks = [np.random.default_rng(s).random(n) < d for s, d in ((0, 0.3), (1, 0.6), (2, 0.9))]
+    monkeypatch.setenv(pages.ENV_VAR, "0")
+    small = _fast.WeightCache(gate, up, down_t=down_t)
+    monkeypatch.delenv(pages.ENV_VAR)
+    huge = _fast.WeightCache(gate, up, down_t=down_t)
+    capacities = []
+    for m in masks:  # 0.3 -> 0.6 -> 0.9: the buffers grow twice
+        with monkeypatch.context() as env:
+            env.setenv(pages.ENV_VAR, "0")
+            small.update(m)
+        huge.update(m)
+        capacities.append(huge.capacity)
+        assert torch.equal(small.forward(x, "silu"), huge.forward(x, "silu"))
+    assert capacities[0] < capacities[1] < capacities[2]
+    if not THP.exists() or use_huge_pages(big()) == 0:
+        pytest.skip("no huge pages here (THP off or MADV_COLLAPSE unsupported)")
+    assert resident_huge_bytes(huge._gu, huge._dt) > 0

@@ -30,6 +30,7 @@ from sparselab._fast._validate import (
     word_array,
 )
 from sparselab._fast.masks import pack, xor_diff
+from sparselab._fast.pages import use_huge_pages
 from sparselab._fast.quant import stacked_scales
 
 __all__ = ["UpdateStats", "WeightCache"]
@@ -191,12 +192,17 @@ class WeightCache:
         self._alloc(int(capacity))
 
     # -- buffers
+    # The row buffers are advised into 2 MiB pages when allocated or grown
+    # (sparselab._fast.pages; SPARSELAB_HUGE_PAGES=0 turns it off): the kernel streams them
+    # in order, and the hardware prefetchers stop at every 4 KiB page boundary.
+    # experiments/bench_huge_pages.py measures it against the same cache on 4 KiB pages.
 
     def _alloc(self, capacity: int) -> None:
         self._sc = (np.zeros((capacity, 3, self._src_sc.shape[2]), np.float32)
                     if self._src_sc is not None else None)
         self._gu = torch.empty((capacity, 2, self._hidden), dtype=self._dtype)
         self._dt = torch.empty((capacity, self._hidden), dtype=self._dtype)
+        use_huge_pages(self._gu, self._dt)  # 2 MiB pages (see above)
         self._gu_np = bits_view(self._gu)
         self._dt_np = bits_view(self._dt)
         self._order = np.full(capacity, -1, dtype=np.int64)
@@ -335,6 +341,7 @@ class WeightCache:
             old_gu_np, old_dt_np = self._gu_np, self._dt_np
             gu = torch.empty((new_cap, 2, self._hidden), dtype=self._dtype)
             dt = torch.empty((new_cap, self._hidden), dtype=self._dtype)
+            use_huge_pages(gu, dt)  # before the copy below faults the pages in
             order = np.full(new_cap, -1, dtype=np.int64)
             gu_np, dt_np = bits_view(gu), bits_view(dt)
             _cache.copy_prefix(old_gu_np, old_dt_np, gu_np, dt_np, n_old)

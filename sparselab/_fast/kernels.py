@@ -83,8 +83,8 @@ class IndexedMLP:
     ``huge_pages`` (default on; ``SPARSELAB_HUGE_PAGES=0`` turns it off everywhere): back the
     three weights with 2 MiB pages (:func:`~sparselab._fast.pages.use_huge_pages`; advice,
     contents unchanged). The kernel reads scattered rows, and with 4 KiB pages most row
-    starts miss the TLB: 1.15x / 1.13x / 1.17x at 10 / 30 / 50 % density on Llama-3.2-3B
-    fp32 shapes, one thread (``experiments/bench_huge_pages.py``). It costs a copy of the
+    starts miss the TLB: 1.06-1.13x at 10-50 % density on Llama-3.2-3B fp32 shapes, bf16
+    1.10-1.20x (``experiments/bench_huge_pages.py``). It costs a copy of the
     weights once (about 30 ms per 96 MiB); already collapsed memory costs ~20 us. Weights
     in a file mapping (a model loaded from safetensors) are refused by Linux and stay as
     they are.

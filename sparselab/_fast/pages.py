@@ -6,10 +6,11 @@
 Why: the by-index kernel (:class:`~sparselab._fast.kernels.IndexedMLP`) reads scattered
 rows of gate, up and down_t. With 4 KiB pages nearly every row start is a new page and so
 likely a TLB miss (a 3072-wide fp32 row is 12 KiB: three pages); one 2 MiB page covers
-170 such rows. Collapsed weights made the fp32 by-index kernel on Llama-3.2-3B MLP shapes
-(batch 1) 1.15x / 1.13x / 1.17x faster at 10 / 30 / 50 % density with one thread and
-1.09x / 1.05x / 1.10x with two (bf16 1.07-1.18x, int8 1.00-1.12x), bit for bit the same
-output: ``python experiments/bench_huge_pages.py --reps 101``
+170 such rows. The weight cache (:class:`~sparselab._fast.cache.WeightCache`) reads its
+row buffers in order, and the hardware prefetchers stop at every 4 KiB page boundary. On
+Llama-3.2-3B MLP shapes (batch 1, 10-50 % density, 1 and 2 threads) 2 MiB pages made the
+by-index kernel 0.99-1.20x as fast (fp32 1.06-1.13x, bf16 1.10-1.20x) and the cache
+0.98-1.17x, bit for bit the same output: ``python experiments/bench_huge_pages.py``
 (``experiments/results/bench_huge_pages.md``, a 2-core AMD EPYC).
 
 How: for each CPU tensor, the 2 MiB-aligned interior of the memory it spans (the page
