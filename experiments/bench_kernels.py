@@ -137,9 +137,11 @@ def formats_markdown(fm) -> list[str]:
     by = {(r["threads"], r["density"], r["method"], r["dtype"], r["isa"]): r for r in fm}
     best = next(r["isa"] for r in fm if r["method"] == "cache_kernel" and r["dtype"] == "float32")
     shape = fm[0]["shape"]
+    bpw = {r["dtype"]: r["bytes_per_weight"] for r in fm}
     out = ["", f"## Weight formats side by side ({shape} MLP, batch 1, SiLU, path {best})", "",
-           "Bytes per weight: fp32 4, bf16 2, int8 with per-block-32 float32 scales 1.125, "
-           "per-block-64 1.0625, per-row 1.0; \"x8\": the same int8 weights with x rounded to int8 per "
+           f"Bytes per weight (scales included): fp32 {bpw['float32']:g}, bf16 {bpw['bfloat16']:g}, "
+           f"int8 with per-block-32 float32 scales {bpw['int8_b32']:g}, per-block-64 "
+           f"{bpw['int8_b64']:g}, per-row {bpw['int8_row']:g}; \"x8\": the same int8 weights with x rounded to int8 per "
            "group of 64 for gate and up (integer dot products, `_fast.info()[\"int8_dot\"]`). "
            "Speedups are over fp32 with the same kernel in the same loop. "
            "`@avx2`: the bf16 kernel forced onto the AVX2 path (what a CPU without AVX-512 "

@@ -439,6 +439,15 @@ def test_with_int8_mlp_counts_one_byte_per_weight_plus_scales():
         with_int8_mlp(b, row_length=8, block=3)
 
 
+def test_kernel_bench_bytes_per_weight_count_the_scales():
+    from sparselab.evaluation.kernel_bench import bytes_per_weight
+
+    assert bytes_per_weight("float32", 3072) == 4.0 and bytes_per_weight("bfloat16", 3072) == 2.0
+    assert bytes_per_weight("int8_b32", 3072) == 1.125  # 32 bytes + a 4-byte scale per 32
+    assert bytes_per_weight("int8_b64_x8", 3072) == 1.0625  # x8: the same weights
+    assert bytes_per_weight("int8_row", 3072) == pytest.approx(1 + 4 / 3072)
+
+
 def _int8_config(**kw):
     return tiny_bench_config(**{"name": "tiny_int8", "max_new_tokens": 4, "warmup_runs": 0,
                                 "num_runs": 2, "weights": "int8",

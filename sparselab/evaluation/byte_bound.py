@@ -131,6 +131,12 @@ def decode_bytes(model: nn.Module) -> DecodeBytes:
                        n_layers=adapter.n_layers)
 
 
+def int8_bytes_per_weight(block: int | None, row_length: int) -> float:
+    """Bytes read per weight of int8 weights with a float32 scale per ``block`` weights
+    (``None``: one per row of ``row_length``): ``int8_bytes_per_weight(32, 576) == 1.125``."""
+    return 1.0 + 4.0 / (block or row_length)
+
+
 def with_int8_mlp(budget: DecodeBytes, row_length: int, block: int | None = None,
                   from_size: int = 4) -> DecodeBytes:
     """``budget`` with its MLP weights stored as int8 plus a float32 scale per ``block``
@@ -145,7 +151,7 @@ def with_int8_mlp(budget: DecodeBytes, row_length: int, block: int | None = None
     if row_length < 1 or (block is not None and (block < 1 or row_length % block)):
         raise ValueError(f"block {block!r} must be None or a positive divisor of the row length "
                          f"{row_length}")
-    per_weight = 1.0 + 4.0 / (block or row_length)
+    per_weight = int8_bytes_per_weight(block, row_length)
     return replace(budget, mlp=round(budget.mlp / from_size * per_weight))
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from sparselab import _fast
 from sparselab._fast.pages import use_huge_pages
+from sparselab.evaluation.byte_bound import int8_bytes_per_weight
 
 SHAPES = {"llama3.2-3b": (3072, 8192), "smollm2-135m": (576, 1536)}
 DENSITIES = (0.05, 0.1, 0.3, 0.5)
@@ -174,10 +175,18 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
 
 FORMATS = ("float32", "bfloat16", "int8_b32", "int8_b64", "int8_row", "int8_b32_x8",
            "int8_b64_x8", "int8_row_x8")
-# bytes read per weight: int8 blocks of 32 (64) carry one float32 scale per 32 (64) weights; "_x8":
-# the same weights with x rounded to int8 for gate and up (integer dot products)
-FORMAT_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8_b32": 1.125, "int8_b64": 1.0625,
-                "int8_row": 1.0, "int8_b32_x8": 1.125, "int8_b64_x8": 1.0625, "int8_row_x8": 1.0}
+# the int8 formats: a float32 scale per block of this many weights (None: one per row);
+# "_x8": the same weights with x rounded to int8 for gate and up (integer dot products)
+INT8_FORMATS = {"int8_b32": 32, "int8_b64": 64, "int8_row": None}
+
+
+def bytes_per_weight(fmt: str, row_length: int) -> float:
+    """Bytes a kernel reads per weight of format ``fmt`` (a :data:`FORMATS` name) in rows of
+    ``row_length`` (the scales counted, as ``byte_bound.with_int8_mlp`` counts them)."""
+    base = fmt.removesuffix("_x8")
+    if base in INT8_FORMATS:
+        return int8_bytes_per_weight(INT8_FORMATS[base], row_length)
+    return {"float32": 4.0, "bfloat16": 2.0}[base]
 
 
 def format_weights(g32, u32, d32):
@@ -187,7 +196,7 @@ def format_weights(g32, u32, d32):
     dt32 = d32.t().contiguous()
     out = {"float32": (g32, u32, dt32),
            "bfloat16": tuple(t.to(torch.bfloat16) for t in (g32, u32, dt32))}
-    for name, block in (("int8_b32", 32), ("int8_b64", 64), ("int8_row", None)):
+    for name, block in INT8_FORMATS.items():
         out[name] = out[name + "_x8"] = tuple(quantize_int8(t, block) for t in (g32, u32, dt32))
     return out
 
@@ -254,7 +263,7 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
                          dtype=f, isa=tag.split("@")[1] if "@" in tag else best, threads=nt,
                          density=dens, method=method, median_ms=round(m, 4),
                          q1_ms=round(q1, 4), q3_ms=round(q3, 4), reps=reps,
-                         bytes_per_weight=FORMAT_BYTES[f],
+                         bytes_per_weight=round(bytes_per_weight(f, hidden), 4),
                          speedup_vs_fp32_same_kernel=round(
                              med.get(f"{method}/float32", float("nan")) / m, 3))
             print(f"formats t={nt} d={dens}: " + ", ".join(
