@@ -28,6 +28,7 @@ from sparselab.evaluation.kernel_bench import (
     SHAPES,
     TARGET_SHAPE,
     Rows,
+    bench_ceiling,
     bench_formats,
     bench_mask_ops,
     bench_mlp,
@@ -120,6 +121,9 @@ def write_markdown(rows: Rows, path: Path, meta: dict):
     fm = [r for r in R if r["section"] == "formats"]
     if fm:
         lines += formats_markdown(fm)
+    ce = [r for r in R if r["section"] == "ceiling"]
+    if ce:
+        lines += ceiling_markdown(ce, fm)
     mem = [r for r in R if r["section"] == "memory"]
     lines += ["", "## Cache memory (down_t passed in; target: extra <= active rows held)", "",
               "| shape | dtype | density | active rows MB | cache extra MB | ratio | MLP MB |",
@@ -172,6 +176,33 @@ def formats_markdown(fm) -> list[str]:
     return out
 
 
+def ceiling_markdown(ce, fm) -> list[str]:
+    """The by-index kernel's compute limit (batch 16: weights served from L1) next to what
+    it streams from DRAM at batch 1, same density, one thread (section "formats")."""
+    best = next(q["isa"] for q in fm if q["method"] == "cache_kernel")
+    dens = ce[0]["density"]
+    dram = {r["dtype"]: r for r in fm if r["method"] == "index_kernel" and r["threads"] == 1
+            and r["density"] == dens and r["isa"] == best}
+    out = ["", f"## Compute limit of the by-index kernel ({ce[0]['shape']}, {dens:.0%} density, "
+               "1 thread)", "",
+           f"At batch {ce[0]['batch']} each weight row read from memory serves every token "
+           "from L1, so bytes of weights processed per second (scales included, counted once "
+           "per token) is what the instructions allow. Beside it, what the same kernel "
+           "streams from DRAM at batch 1 (section above). Where the two are close, the "
+           "format's kernel is compute-bound at batch 1: fewer bytes per weight no longer "
+           "buy time.", "",
+           "| format | batch-16 ms | processed GB/s (compute limit) | batch 1 from DRAM GB/s "
+           "| DRAM / limit |", "|---|---|---|---|---|"]
+    for r in ce:
+        d = dram.get(r["dtype"])
+        cell = "|  |  |"
+        if d and d.get("n_active"):
+            gbs = 3 * d["n_active"] * d["hidden"] * d["bytes_per_weight"] / (d["median_ms"] * 1e6)
+            cell = f"| {gbs:.1f} | {gbs / r['gb_per_s']:.2f} |"
+        out.append(f"| {r['dtype']} | {r['median_ms']:.3f} | {r['gb_per_s']:.1f} " + cell)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes, few repeats")
@@ -193,8 +224,10 @@ def main(argv=None):
     bench_update(rows, shapes, dtypes, dens, churns, reps, rng)
     if not args.quick:
         bench_formats(rows, TARGET_SHAPE, [1, 2], (0.1, 0.3, 0.5), reps, rng)
+        bench_ceiling(rows, TARGET_SHAPE, reps, rng)
     else:
         bench_formats(rows, "smollm2-135m", [1], (0.3,), reps, rng)
+        bench_ceiling(rows, "smollm2-135m", reps, rng)
     info = _fast.info()
     meta = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "cpu count": os.cpu_count(), "torch": torch.__version__,

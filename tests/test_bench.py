@@ -448,6 +448,22 @@ def test_kernel_bench_bytes_per_weight_count_the_scales():
     assert bytes_per_weight("int8_row", 3072) == pytest.approx(1 + 4 / 3072)
 
 
+def test_kernel_bench_ceiling_counts_every_tokens_bytes_of_weights():
+    """bench_ceiling's GB/s is the bytes of the active rows, scales counted, once per token
+    of the batch, over the median time (computed here from the row's own fields)."""
+    from sparselab.evaluation import kernel_bench as kb
+
+    rows = kb.Rows()
+    kb.bench_ceiling(rows, "smollm2-135m", 3, np.random.default_rng(0), density=0.1, batch=4)
+    assert [r["dtype"] for r in rows.rows] == list(kb.FORMATS)
+    hidden = kb.SHAPES["smollm2-135m"][0]
+    for r in rows.rows:
+        assert r["section"] == "ceiling" and r["n_active"] > 0 and r["batch"] == 4
+        assert r["bytes_per_weight"] == kb.bytes_per_weight(r["dtype"], hidden)
+        expect = 3 * r["n_active"] * hidden * r["bytes_per_weight"] * 4 / (r["median_ms"] * 1e6)
+        assert r["gb_per_s"] == pytest.approx(expect, rel=1e-3, abs=0.01)
+
+
 def _int8_config(**kw):
     return tiny_bench_config(**{"name": "tiny_int8", "max_new_tokens": 4, "warmup_runs": 0,
                                 "num_runs": 2, "weights": "int8",

@@ -261,7 +261,7 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
                 f = tag.split("@")[0]
                 rows.add(section="formats", shape=shape_name, hidden=hidden, inter=inter,
                          dtype=f, isa=tag.split("@")[1] if "@" in tag else best, threads=nt,
-                         density=dens, method=method, median_ms=round(m, 4),
+                         density=dens, method=method, n_active=len(idx), median_ms=round(m, 4),
                          q1_ms=round(q1, 4), q3_ms=round(q3, 4), reps=reps,
                          bytes_per_weight=round(bytes_per_weight(f, hidden), 4),
                          speedup_vs_fp32_same_kernel=round(
@@ -269,6 +269,43 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
             print(f"formats t={nt} d={dens}: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in med.items()), flush=True)
     torch.set_num_threads(max(threads))
+
+
+def bench_ceiling(rows: Rows, shape_name, reps, rng, density: float = 0.3, batch: int = 16):
+    """The by-index kernel's compute limit: at batch ``batch`` every weight row it loads
+    from memory serves ``batch`` tokens from L1 (the kernels loop over the batch inside a
+    group of rows), so weights processed per second there is what the instructions
+    allow, with memory out of the way. Beside what the same kernel streams from DRAM at
+    batch 1 (section "formats"), it says which limit a format's kernel hits. One thread,
+    each format in its own loop; medians of ``reps`` calls after a warm-up."""
+    hidden, inter = SHAPES[shape_name]
+    g32 = torch.randn(inter, hidden) / hidden**0.5
+    u32 = torch.randn(inter, hidden) / hidden**0.5
+    d32 = torch.randn(hidden, inter) / inter**0.5
+    fw = format_weights(g32, u32, d32)
+    x32 = torch.randn(batch, hidden)
+    idx = np.flatnonzero(random_mask(inter, density, rng))
+    for f in FORMATS:
+        g, u, dt = fw[f]
+        bpw = bytes_per_weight(f, hidden)
+        im = _fast.IndexedMLP(g, u, dt, "silu", 1, x_int8=f.endswith("_x8"))
+        xf = x32.to(torch.bfloat16) if f == "bfloat16" else x32
+        for _ in range(3):
+            im(xf, idx)
+        ns = np.empty(reps, np.int64)
+        for i in range(reps):
+            t = time.perf_counter_ns()
+            im(xf, idx)
+            ns[i] = time.perf_counter_ns() - t
+        m, q1, q3 = stats_ms(ns)
+        processed = 3 * len(idx) * hidden * bpw * batch  # bytes of weights, once per token
+        rows.add(section="ceiling", shape=shape_name, hidden=hidden, inter=inter, dtype=f,
+                 threads=1, batch=batch, density=density, method="index_kernel",
+                 n_active=len(idx), median_ms=round(m, 4), q1_ms=round(q1, 4),
+                 q3_ms=round(q3, 4), reps=reps, bytes_per_weight=bpw,
+                 gb_per_s=round(processed / (m * 1e6), 2))
+        print(f"ceiling {f}: batch {batch}, {m:.3f} ms, {processed / (m * 1e6):.1f} GB/s "
+              "of weights processed", flush=True)
 
 
 def bench_update(rows: Rows, shapes, dtypes, densities, churns, reps, rng):
