@@ -6,8 +6,8 @@ and kernel with it off, at fixed distances and at the default, interleaved in on
 
 Llama-3.2-3B MLP shapes, batch 1, random weights and active sets. ``_fast._mlp._set_prefetch``
 sets how many row pairs (gate/up pass) or groups of four (down pass) ahead the kernels
-prefetch; 0 turns the prefetch off, -1 restores the default (about 96 KiB ahead: 2 pairs of
-fp32 rows on these shapes, 4 of bf16, 8 of int8). Each call sets the knob, then runs the kernel, so the
+prefetch; 0 turns the prefetch off, -1 restores the default (about 192 KiB ahead: 4 pairs of
+fp32 rows on these shapes, 8 of bf16, 16 of int8). Each call sets the knob, then runs the kernel, so the
 settings are timed rep by rep in rotation like any other compared methods. Writes
 ``experiments/results/bench_prefetch.{csv,md}``: medians with quartiles, and the speedup of
 each setting over no prefetch (ratio of medians). The default (``PF_BYTES`` in
@@ -38,7 +38,7 @@ from sparselab.evaluation.suite_report import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FORMATS = ("float32", "bfloat16", "int8_b32", "int8_row")
-AHEAD = (0, 1, 2, 4, 8, -1)  # pairs ahead; 0: off, -1: the default (about 96 KiB ahead)
+AHEAD = (0, 1, 2, 4, 8, 16, 32, -1)  # pairs ahead; 0: off, -1: the default (about 192 KiB ahead)
 
 
 def prefetch_fns(fw, x32, mask, idx, threads: int) -> dict:

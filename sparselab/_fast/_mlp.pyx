@@ -16,7 +16,7 @@ Both kernels run the same two passes over memory, and each byte of weights is re
    the output (instead of the rows) means no reduction of per-thread copies of ``y`` and a
    result that does not depend on the thread count.
 
-Both passes prefetch rows that come next (the pair, the group of four, about 96 KiB on)
+Both passes prefetch rows that come next (the pair, the group of four, about 192 KiB on)
 into L2, one line per line they read, so a row's first bytes never wait on memory: rows
 picked by index start a new memory stream at every row, and short rows start them often.
 At 30-50 % on the 3B shapes that made bf16 ~1.4-1.6x, int8 ~1.6-2.4x and fp32 ~1.0-1.2x
@@ -123,11 +123,13 @@ cdef extern from "csrc/sl_act.h":
 # How far ahead the kernels prefetch: the gate/up pass the pair of rows this many pairs on,
 # the down pass the group of four rows this many groups on (see SL_PF4 in
 # csrc/sl_kernels.h). Both are four rows, so the distance is set in bytes: about PF_BYTES
-# ahead, at least one and at most PF_MAX_AHEAD pairs. experiments/bench_prefetch.py (3B
-# shapes, every format, 1 and 2 threads): fp32 gains little past 1-2 pairs (48 KiB each),
-# bf16 and int8 keep gaining to 4-8 pairs (24 / 12 KiB each); 96 KiB gives 2 / 4 / 8.
+# ahead, at least one and at most PF_MAX_AHEAD pairs; on 3B shapes 4 pairs of fp32 rows
+# (48 KiB a pair), 8 of bf16, 16 of int8. experiments/bench_prefetch.py with the weights on
+# 2 MiB pages (3B shapes, every format, 1 and 2 threads): doubling the distance of the
+# 4 KiB-page measurements (96 KiB) gains in nearly every cell, most for bf16 at 10 %
+# (1.1-1.3x); four times as far (384 KiB, int8 32 pairs) loses a little for int8 there.
 cdef enum:
-    PF_BYTES = 96 * 1024
+    PF_BYTES = 192 * 1024
     PF_MAX_AHEAD = 16
 # benchmarks only (_set_prefetch): a fixed number of pairs ahead, 0 = off; -1 = by bytes
 cdef long PF_FIXED = -1
