@@ -235,6 +235,7 @@ def main(argv=None):
                            f"(supported: {','.join(info['supported_isas'])}), "
                            f"int8 x int8 dot products: {info['int8_dot']}",
             "command": "flock -x /tmp/sparselab-bench.lock python experiments/bench_kernels.py",
+            "finished": time.strftime("%Y-%m-%d %H:%M %Z"),
             "repeats": reps, "mode": "quick" if args.quick else "full",
             "wall time s": round(time.perf_counter() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
