@@ -188,9 +188,9 @@ def ceiling_markdown(ce, fm) -> list[str]:
            f"At batch {ce[0]['batch']} each weight row read from memory serves every token "
            "from L1, so bytes of weights processed per second (scales included, counted once "
            "per token) is what the instructions allow. Beside it, what the same kernel "
-           "streams from DRAM at batch 1 (section above). Where the two are close, the "
-           "format's kernel is compute-bound at batch 1: fewer bytes per weight no longer "
-           "buy time.", "",
+           "streams from DRAM at batch 1 (section above). The closer the two, the less a "
+           "format with fewer bytes per weight can gain before its instructions limit it.",
+           "",
            "| format | batch-16 ms | processed GB/s (compute limit) | batch 1 from DRAM GB/s "
            "| DRAM / limit |", "|---|---|---|---|---|"]
     for r in ce:

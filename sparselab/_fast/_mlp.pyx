@@ -125,9 +125,9 @@ cdef extern from "csrc/sl_act.h":
 # csrc/sl_kernels.h). Both are four rows, so the distance is set in bytes: about PF_BYTES
 # ahead, at least one and at most PF_MAX_AHEAD pairs; on 3B shapes 4 pairs of fp32 rows
 # (48 KiB a pair), 8 of bf16, 16 of int8. experiments/bench_prefetch.py with the weights on
-# 2 MiB pages (3B shapes, every format, 1 and 2 threads): doubling the distance of the
-# 4 KiB-page measurements (96 KiB) gains in nearly every cell, most for bf16 at 10 %
-# (1.1-1.3x); four times as far (384 KiB, int8 32 pairs) loses a little for int8 there.
+# 2 MiB pages (3B shapes, every format, 1 and 2 threads): against the 96 KiB chosen on
+# 4 KiB pages, 1.01-1.55x at 10 % density (bf16 and fp32 most) and 0.93-1.11x at 30-50 %
+# (median 1.00); four times as far (384 KiB, int8 32 pairs) lost a little for int8.
 cdef enum:
     PF_BYTES = 192 * 1024
     PF_MAX_AHEAD = 16

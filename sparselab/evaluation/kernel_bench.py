@@ -276,8 +276,9 @@ def bench_ceiling(rows: Rows, shape_name, reps, rng, density: float = 0.3, batch
     from memory serves ``batch`` tokens from L1 (the kernels loop over the batch inside a
     group of rows), so weights processed per second there is what the instructions
     allow, with memory out of the way. Beside what the same kernel streams from DRAM at
-    batch 1 (section "formats"), it says which limit a format's kernel hits. One thread,
-    each format in its own loop; medians of ``reps`` calls after a warm-up."""
+    batch 1 (section "formats"), it says how much room a format has before its
+    instructions limit it. One thread, each format in its own loop; medians of ``reps``
+    calls after a warm-up."""
     hidden, inter = SHAPES[shape_name]
     g32 = torch.randn(inter, hidden) / hidden**0.5
     u32 = torch.randn(inter, hidden) / hidden**0.5

@@ -396,7 +396,8 @@ SL_T_512 static inline __m512 sl_ld16_i8u(const int8_t* p) {
 /* int8 rows, per-row scales (applied by the caller). The body takes 32 weights of each
  * row per step with plain loads; only the tail is masked. On Zen 4 the loop with a masked
  * load in every step (SL_DOT4_512 / SL_AXPY4_512) was the slower one: the cache kernel
- * ran 1.24-1.27x faster this way at 30-50 % density on 3B shapes, interleaved A/B. */
+ * ran 1.24-1.27x faster this way at 30-50 % density on 3B shapes (two builds, alternating
+ * runs). */
 SL_T_512 static void sl_dot4_i8_512(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                     const int8_t* w3, const float* x, long h, float* out,
                                     sl_next nx) {
