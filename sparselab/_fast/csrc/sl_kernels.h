@@ -394,7 +394,7 @@ SL_T_512 static inline __m512 sl_ld16_i8u(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
 }
 /* int8 rows, per-row scales (applied by the caller). The body takes 32 weights of each
- * row per step with plain loads; only the tail is masked. On Zen 4 the loop with a masked
+ * row per step with plain loads; the tail is scalar. On Zen 4 the loop with a masked
  * load in every step (SL_DOT4_512 / SL_AXPY4_512) was the slower one: the cache kernel
  * ran 1.24-1.27x faster this way at 30-50 % density on 3B shapes (two builds, alternating
  * runs). */
@@ -411,17 +411,14 @@ SL_T_512 static void sl_dot4_i8_512(const int8_t* w0, const int8_t* w1, const in
         a2 = _mm512_fmadd_ps(sl_ld16_i8u(w2 + k + 16), x1, _mm512_fmadd_ps(sl_ld16_i8u(w2 + k), x0, a2));
         a3 = _mm512_fmadd_ps(sl_ld16_i8u(w3 + k + 16), x1, _mm512_fmadd_ps(sl_ld16_i8u(w3 + k), x0, a3));
     }
-    for (; k < h; k += 16) {
-        SL_PF4_AT(nx, int8_t, k);
-        __mmask16 m = h - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (h - k)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-        a0 = _mm512_fmadd_ps(sl_ld16_i8(w0 + k, m), xv, a0);
-        a1 = _mm512_fmadd_ps(sl_ld16_i8(w1 + k, m), xv, a1);
-        a2 = _mm512_fmadd_ps(sl_ld16_i8(w2 + k, m), xv, a2);
-        a3 = _mm512_fmadd_ps(sl_ld16_i8(w3 + k, m), xv, a3);
+    float s0 = _mm512_reduce_add_ps(a0), s1 = _mm512_reduce_add_ps(a1),
+          s2 = _mm512_reduce_add_ps(a2), s3 = _mm512_reduce_add_ps(a3);
+    for (; k < h; k++) { /* rows whose length is not a multiple of 32 */
+        float xv = x[k];
+        s0 += (float)w0[k] * xv; s1 += (float)w1[k] * xv;
+        s2 += (float)w2[k] * xv; s3 += (float)w3[k] * xv;
     }
-    out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
-    out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
+    out[0] = s0; out[1] = s1; out[2] = s2; out[3] = s3;
 }
 
 /* per-row scales: each y element gets the same four fused multiply-adds in body and tail */
@@ -440,14 +437,13 @@ SL_T_512 static void sl_axpy4_i8_512(float* y, const int8_t* d0, const int8_t* d
         acc = _mm512_fmadd_ps(sl_ld16_i8u(d3 + k), a3, acc);
         _mm512_storeu_ps(y + k, acc);
     }
-    if (k < k1) {
-        __mmask16 m = (__mmask16)((1u << (k1 - k)) - 1);
-        __m512 acc = _mm512_maskz_loadu_ps(m, y + k);
-        acc = _mm512_fmadd_ps(sl_ld16_i8(d0 + k, m), a0, acc);
-        acc = _mm512_fmadd_ps(sl_ld16_i8(d1 + k, m), a1, acc);
-        acc = _mm512_fmadd_ps(sl_ld16_i8(d2 + k, m), a2, acc);
-        acc = _mm512_fmadd_ps(sl_ld16_i8(d3 + k, m), a3, acc);
-        _mm512_mask_storeu_ps(y + k, m, acc);
+    for (; k < k1; k++) { /* the same fused multiply-adds, one element at a time */
+        float acc = y[k];
+        acc = __builtin_fmaf((float)d0[k], a[0], acc);
+        acc = __builtin_fmaf((float)d1[k], a[1], acc);
+        acc = __builtin_fmaf((float)d2[k], a[2], acc);
+        acc = __builtin_fmaf((float)d3[k], a[3], acc);
+        y[k] = acc;
     }
 }
 
