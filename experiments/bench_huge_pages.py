@@ -20,7 +20,6 @@ speedup of 2 MiB pages (ratio of medians, 4 KiB ms / 2 MiB ms).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from contextlib import contextmanager
@@ -38,6 +37,7 @@ from sparselab.evaluation.kernel_bench import (
     format_weights,
     interleaved,
     random_mask,
+    run_sweep,
     stats_ms,
 )
 from sparselab.evaluation.suite_report import machine_info
@@ -183,24 +183,11 @@ def markdown(df: pd.DataFrame, info: dict, args) -> str:
 
 
 def main(argv=None) -> pd.DataFrame:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="llama3.2-3b", choices=sorted(SHAPES))
-    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--reps", type=int, default=41)
-    args = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    def run(args):
         df, info = measure(args.shape, args.densities, args.threads, args.reps)
-    finally:
-        torch.set_num_threads(threads)
-    RESULTS.mkdir(exist_ok=True)
-    df.to_csv(RESULTS / "bench_huge_pages.csv", index=False)
-    md = markdown(df, info, args)
-    (RESULTS / "bench_huge_pages.md").write_text(md)
-    print(md)
-    return df
+        return df, markdown(df, info, args)
+
+    return run_sweep("bench_huge_pages", __doc__, run, RESULTS, argv, reps=41)
 
 
 if __name__ == "__main__":

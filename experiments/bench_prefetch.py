@@ -16,7 +16,6 @@ each setting over no prefetch (ratio of medians). The default (``PF_BYTES`` in
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from sparselab.evaluation.kernel_bench import (
     format_weights,
     interleaved,
     random_mask,
+    run_sweep,
     stats_ms,
 )
 from sparselab.evaluation.suite_report import machine_info
@@ -119,24 +119,11 @@ def markdown(df: pd.DataFrame, args) -> str:
 
 
 def main(argv=None) -> pd.DataFrame:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", default="llama3.2-3b", choices=sorted(SHAPES))
-    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--reps", type=int, default=21)
-    args = ap.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    def run(args):
         df = measure(args.shape, args.densities, args.threads, args.reps)
-    finally:
-        torch.set_num_threads(threads)
-    RESULTS.mkdir(exist_ok=True)
-    df.to_csv(RESULTS / "bench_prefetch.csv", index=False)
-    md = markdown(df, args)
-    (RESULTS / "bench_prefetch.md").write_text(md)
-    print(md)
-    return df
+        return df, markdown(df, args)
+
+    return run_sweep("bench_prefetch", __doc__, run, RESULTS, argv, reps=21)
 
 
 if __name__ == "__main__":

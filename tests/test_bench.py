@@ -464,6 +464,35 @@ def test_kernel_bench_ceiling_counts_every_tokens_bytes_of_weights():
         assert r["gb_per_s"] == pytest.approx(expect, rel=1e-3, abs=0.01)
 
 
+def test_kernel_sweep_cli_writes_both_files_and_restores_torch_threads(tmp_path):
+    """run_sweep: the parsed arguments reach ``run`` (defaults and overrides), its frame and
+    markdown land in <name>.csv/.md, and torch's thread count is what it was, also when
+    ``run`` raises."""
+    import torch
+
+    from sparselab.evaluation.kernel_bench import run_sweep
+
+    before = torch.get_num_threads()
+    seen = {}
+
+    def run(args):
+        seen.update(vars(args), threads_inside=torch.get_num_threads())
+        return pd.DataFrame({"reps": [args.reps]}), "# table\n"
+
+    df = run_sweep("sweep", "Doc line.\n\nMore.", run, tmp_path, ["--densities", "0.2"], reps=7)
+    assert seen["reps"] == 7 and seen["densities"] == [0.2] and seen["threads"] == [1, 2]
+    assert seen["threads_inside"] == 1 and torch.get_num_threads() == before
+    assert pd.read_csv(tmp_path / "sweep.csv").equals(df)
+    assert (tmp_path / "sweep.md").read_text() == "# table\n"
+
+    def fails(args):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run_sweep("sweep", "Doc.", fails, tmp_path, [])
+    assert torch.get_num_threads() == before
+
+
 def _int8_config(**kw):
     return tiny_bench_config(**{"name": "tiny_int8", "max_new_tokens": 4, "warmup_runs": 0,
                                 "num_runs": 2, "weights": "int8",

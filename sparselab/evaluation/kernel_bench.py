@@ -14,6 +14,7 @@ tables; notebook 09 runs a small sweep of its own.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import time
 from pathlib import Path
@@ -307,6 +308,33 @@ def bench_ceiling(rows: Rows, shape_name, reps, rng, density: float = 0.3, batch
                  gb_per_s=round(processed / (m * 1e6), 2))
         print(f"ceiling {f}: batch {batch}, {m:.3f} ms, {processed / (m * 1e6):.1f} GB/s "
               "of weights processed", flush=True)
+
+
+def run_sweep(name: str, doc: str, run, results: Path, argv=None, reps: int = 21):
+    """The command line and output of a kernel sweep script (``experiments/bench_prefetch.py``,
+    ``bench_huge_pages.py``): ``--shape``, ``--densities``, ``--threads``, ``--reps``;
+    ``run(args)`` measures with torch on one thread (the kernels take their thread count
+    per call) and returns ``(frame, markdown)``, written to ``results/<name>.{csv,md}``.
+
+        >>> run_sweep("bench_prefetch", __doc__, lambda a: (df, md), RESULTS)
+    """
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--shape", default=TARGET_SHAPE, choices=sorted(SHAPES))
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3, 0.5])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--reps", type=int, default=reps)
+    args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        df, md = run(args)
+    finally:
+        torch.set_num_threads(threads)
+    results.mkdir(exist_ok=True)
+    df.to_csv(results / f"{name}.csv", index=False)
+    (results / f"{name}.md").write_text(md)
+    print(md)
+    return df
 
 
 def bench_update(rows: Rows, shapes, dtypes, densities, churns, reps, rng):
