@@ -1,8 +1,9 @@
-"""A/B of the fp32 sparse MLP kernels between two builds of sparselab (e.g. before and after
-a kernel change), interleaved in fresh processes so machine drift hits both sides alike.
+"""A/B of the sparse MLP kernels between two builds of sparselab (e.g. before and after a
+kernel change), interleaved in fresh processes so machine drift hits both sides alike.
 
     flock -x /tmp/sparselab-bench.lock python experiments/ab_builds.py OLD_CHECKOUT NEW_CHECKOUT \
         --rounds 5 --reps 15 --out experiments/results/ab_builds.md
+    ... --weights int8_row      # int8 weights, a scale per row (int8_b64: per 64 weights)
 
 Each checkout must have its `_fast` built in place (`python setup.py build_ext --inplace`).
 Llama-3.2-3B MLP shapes (hidden 3072, intermediate 8192), batch 1, random sorted active sets
@@ -28,7 +29,11 @@ H, I = 3072, 8192
 gate, up, down = torch.randn(I, H) * 0.02, torch.randn(I, H) * 0.02, torch.randn(H, I) * 0.02
 down_t = down.t().contiguous()
 x = torch.randn(1, H)
-nt, reps = int(sys.argv[1]), int(sys.argv[2])
+nt, reps, weights = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if weights != "float32":
+    from sparselab._fast.quant import quantize_int8
+    block = {"int8_row": None, "int8_b64": 64, "int8_b32": 32}[weights]
+    gate, up, down_t = (quantize_int8(w, block) for w in (gate, up, down_t))
 out = {}
 for d in (0.1, 0.3, 0.5):
     idx = torch.randperm(I)[: int(d * I)].sort().values
@@ -50,11 +55,18 @@ print(json.dumps(out))
 '''
 
 
-def run_side(checkout: Path, threads: int, reps: int) -> dict[str, float]:
+def run_side(checkout: Path, threads: int, reps: int, weights: str) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(checkout))
-    out = subprocess.run([sys.executable, "-c", ONE_SIDE, str(threads), str(reps)], cwd=checkout,
+    out = subprocess.run([sys.executable, "-c", ONE_SIDE, str(threads), str(reps), weights], cwd=checkout,
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _commit(checkout: Path) -> str:
+    """The checkout's commit (short hash), or "not a git checkout"."""
+    out = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    return f"commit {out.stdout.strip()}" if out.returncode == 0 else "not a git checkout"
 
 
 def main() -> None:
@@ -64,16 +76,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--weights", default="float32", choices=("float32", "int8_row", "int8_b64", "int8_b32"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     runs: dict[str, dict[str, list[float]]] = {}
     for _ in range(args.rounds):
         for side, path in (("old", args.old), ("new", args.new)):
-            for key, ms in run_side(path, args.threads, args.reps).items():
+            for key, ms in run_side(path, args.threads, args.reps, args.weights).items():
                 runs.setdefault(key, {"old": [], "new": []})[side].append(ms)
-    lines = [f"# A/B of two builds: `{args.old}` (old) vs `{args.new}` (new)", "",
+    lines = [f"# A/B of two builds: `{args.old}` (old, {_commit(args.old)}) vs `{args.new}` "
+             f"(new, {_commit(args.new)})", "",
              f"{args.rounds} interleaved rounds, {args.reps} calls each, {args.threads} thread(s), "
-             "fp32, 3B MLP shapes, batch 1. ms: median of the rounds' medians [min-max].", "",
+             f"{args.weights} weights, 3B MLP shapes, batch 1. ms: median of the rounds' medians "
+             "[min-max].", "",
              "| kernel | density | old ms | new ms | new / old |", "|---|---|---|---|---|"]
     for key, sides in runs.items():
         name, d = key.split("|")

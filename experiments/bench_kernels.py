@@ -178,28 +178,39 @@ def formats_markdown(fm) -> list[str]:
 
 def ceiling_markdown(ce, fm) -> list[str]:
     """The by-index kernel's compute limit (batch 16: weights served from L1) next to what
-    it streams from DRAM at batch 1, same density, one thread (section "formats")."""
+    the kernels stream from DRAM at batch 1, same density, one thread (section "formats"):
+    by index, over the cache, and by index over every row in order (the dense int8 kernel)."""
     best = next(q["isa"] for q in fm if q["method"] == "cache_kernel")
     dens = ce[0]["density"]
-    dram = {r["dtype"]: r for r in fm if r["method"] == "index_kernel" and r["threads"] == 1
-            and r["density"] == dens and r["isa"] == best}
+
+    def rate(method, dtype):
+        """GB/s of weights (scales included) a batch-1 row of section "formats" streams."""
+        r = next((q for q in fm if q["method"] == method and q["dtype"] == dtype
+                  and q["threads"] == 1 and q["density"] == dens and q["isa"] == best), None)
+        if r is None or not r.get("n_active"):
+            return float("nan")
+        n = r["inter"] if method == "dense_kernel" else r["n_active"]
+        return 3 * n * r["hidden"] * r["bytes_per_weight"] / (r["median_ms"] * 1e6)
+
     out = ["", f"## Compute limit of the by-index kernel ({ce[0]['shape']}, {dens:.0%} density, "
                "1 thread)", "",
-           f"At batch {ce[0]['batch']} each weight row read from memory serves every token "
+           f"At batch {int(ce[0]['batch'])} each weight row read from memory serves every token "
            "from L1, so bytes of weights processed per second (scales included, counted once "
-           "per token) is what the instructions allow. Beside it, what the same kernel "
-           "streams from DRAM at batch 1 (section above). The closer the two, the less a "
-           "format with fewer bytes per weight can gain before its instructions limit it.",
-           "",
-           "| format | batch-16 ms | processed GB/s (compute limit) | batch 1 from DRAM GB/s "
-           "| DRAM / limit |", "|---|---|---|---|---|"]
+           "per token) is what the instructions allow. Beside it, GB/s of weights the kernels "
+           "stream from DRAM at batch 1 (section above): by index, over the cache's contiguous "
+           "rows, and by index over every row in order (int8's dense kernel, at 100 %). The "
+           "closer the by-index rate to the limit, the less a format with fewer bytes per "
+           "weight can gain before its instructions limit it.", "",
+           "| format | batch-16 ms | processed GB/s (compute limit) | by index GB/s | over the "
+           "cache GB/s | every row in order GB/s | by index / limit |",
+           "|---|---|---|---|---|---|---|"]
     for r in ce:
-        d = dram.get(r["dtype"])
-        cell = "|  |  |"
-        if d and d.get("n_active"):
-            gbs = 3 * d["n_active"] * d["hidden"] * d["bytes_per_weight"] / (d["median_ms"] * 1e6)
-            cell = f"| {gbs:.1f} | {gbs / r['gb_per_s']:.2f} |"
-        out.append(f"| {r['dtype']} | {r['median_ms']:.3f} | {r['gb_per_s']:.1f} " + cell)
+        f = r["dtype"]
+        index = rate("index_kernel", f)
+        inorder = rate("dense_kernel", f)
+        out.append(f"| {f} | {r['median_ms']:.3f} | {r['gb_per_s']:.1f} | {index:.1f} | "
+                   f"{rate('cache_kernel', f):.1f} | {inorder:.1f} | {index / r['gb_per_s']:.2f} |"
+                   .replace("| nan ", "|  "))
     return out
 
 

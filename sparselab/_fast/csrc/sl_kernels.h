@@ -395,9 +395,9 @@ SL_T_512 static inline __m512 sl_ld16_i8u(const int8_t* p) {
 }
 /* int8 rows, per-row scales (applied by the caller). The body takes 32 weights of each
  * row per step with plain loads; the tail is scalar. On Zen 4 the loop with a masked
- * load in every step (SL_DOT4_512 / SL_AXPY4_512) was the slower one: the cache kernel
- * ran 1.24-1.27x faster this way at 30-50 % density on 3B shapes (two builds, alternating
- * runs). */
+ * load in every step (SL_DOT4_512 / SL_AXPY4_512) was the slower one: this way is
+ * 1.18-1.27x faster over the cache at 30-50 % density on 3B shapes, 1.02-1.18x by index
+ * (experiments/ab_builds.py --weights int8_row, two runs). */
 SL_T_512 static void sl_dot4_i8_512(const int8_t* w0, const int8_t* w1, const int8_t* w2,
                                     const int8_t* w3, const float* x, long h, float* out,
                                     sl_next nx) {
