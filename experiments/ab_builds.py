@@ -4,6 +4,7 @@ kernel change), interleaved in fresh processes so machine drift hits both sides 
     flock -x /tmp/sparselab-bench.lock python experiments/ab_builds.py OLD_CHECKOUT NEW_CHECKOUT \
         --rounds 5 --reps 15 --out experiments/results/ab_builds.md
     ... --weights int8_row      # int8 weights, a scale per row (int8_b64: per 64 weights)
+    ... --weights bfloat16 --threads 2
 
 Each checkout must have its `_fast` built in place (`python setup.py build_ext --inplace`).
 Llama-3.2-3B MLP shapes (hidden 3072, intermediate 8192), batch 1, random sorted active sets
@@ -30,7 +31,9 @@ gate, up, down = torch.randn(I, H) * 0.02, torch.randn(I, H) * 0.02, torch.randn
 down_t = down.t().contiguous()
 x = torch.randn(1, H)
 nt, reps, weights = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-if weights != "float32":
+if weights == "bfloat16":
+    gate, up, down_t, x = (w.to(torch.bfloat16) for w in (gate, up, down_t, x))
+elif weights != "float32":
     from sparselab._fast.quant import quantize_int8
     block = {"int8_row": None, "int8_b64": 64, "int8_b32": 32}[weights]
     gate, up, down_t = (quantize_int8(w, block) for w in (gate, up, down_t))
@@ -76,7 +79,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--weights", default="float32", choices=("float32", "int8_row", "int8_b64", "int8_b32"))
+    ap.add_argument("--weights", default="float32", choices=("float32", "bfloat16", "int8_row", "int8_b64", "int8_b32"))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     runs: dict[str, dict[str, list[float]]] = {}

@@ -145,7 +145,9 @@ def formats_markdown(fm) -> list[str]:
     out = ["", f"## Weight formats side by side ({shape} MLP, batch 1, SiLU, path {best})", "",
            f"Bytes per weight (scales included): fp32 {bpw['float32']:g}, bf16 {bpw['bfloat16']:g}, "
            f"int8 with per-block-32 float32 scales {bpw['int8_b32']:g}, per-block-64 "
-           f"{bpw['int8_b64']:g}, per-row {bpw['int8_row']:g}; \"x8\": the same int8 weights with x rounded to int8 per "
+           f"{bpw['int8_b64']:g}, per-row {bpw['int8_row']:g}; \"row+col\": per-row, and down also a float32 scale per "
+           "output channel (one vector per layer, multiplied into y after the down pass; the "
+           "format that keeps quality at 1 byte per weight); \"x8\": the same int8 weights with x rounded to int8 per "
            "group of 64 for gate and up (integer dot products, `_fast.info()[\"int8_dot\"]`). "
            "Speedups are over fp32 with the same kernel in the same loop. "
            "`@avx2`: the bf16 kernel forced onto the AVX2 path (what a CPU without AVX-512 "
@@ -153,9 +155,10 @@ def formats_markdown(fm) -> list[str]:
            "bf16 (at 30 % and 50 %).", "",
            "| thr | density | kernel | fp32 ms | bf16 ms (x) | bf16@avx2 ms (x) | int8 b32 ms "
            "(x fp32, x bf16) | int8 b64 ms (x fp32, x bf16) | int8 row ms (x fp32, x bf16) | "
+           "int8 row+col ms (x fp32, x bf16) | "
            "int8 b32 x8 ms (x fp32) | int8 b64 x8 ms (x fp32) | int8 row x8 ms (x fp32) | "
-           "dense fp32 / bf16 torch ms | dense int8 b32 / b64 / row kernel ms |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "dense fp32 / bf16 torch ms | dense int8 b32 / b64 / row / row+col kernel ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["threads"], r["density"]) for r in fm})
     for thr, dens in keys:
         def g(method, f, path=best, thr=thr, dens=dens):
@@ -163,7 +166,7 @@ def formats_markdown(fm) -> list[str]:
             return r["median_ms"] if r else float("nan")
         for kern in ("cache_kernel", "index_kernel"):
             f32, b16, b16a = g(kern, "float32"), g(kern, "bfloat16"), g(kern, "bfloat16", "avx2")
-            int8 = [g(kern, f) for f in ("int8_b32", "int8_b64", "int8_row")]
+            int8 = [g(kern, f) for f in ("int8_b32", "int8_b64", "int8_row", "int8_rowcol")]
             x8 = [g(kern, f) for f in ("int8_b32_x8", "int8_b64_x8", "int8_row_x8")]
             out.append(
                 f"| {thr} | {dens:.0%} | {kern} | {f32:.3f} | {b16:.3f} ({f32 / b16:.2f}x) | "
@@ -171,7 +174,8 @@ def formats_markdown(fm) -> list[str]:
                 + " | ".join(f"{t:.3f} ({f32 / t:.2f}x, {b16 / t:.2f}x)" for t in int8) + " | "
                 + " | ".join(f"{t:.3f} ({f32 / t:.2f}x)" for t in x8) + " | "
                 f"{g('dense_torch', 'float32'):.2f} / {g('dense_torch', 'bfloat16'):.2f} | "
-                + " / ".join(f"{g('dense_kernel', f):.2f}" for f in ("int8_b32", "int8_b64", "int8_row"))
+                + " / ".join(f"{g('dense_kernel', f):.2f}"
+                             for f in ("int8_b32", "int8_b64", "int8_row", "int8_rowcol"))
                 + " |")
     return out
 

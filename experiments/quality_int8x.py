@@ -1,6 +1,6 @@
 """What rounding x to int8 costs on top of int8 weights: the embedded model, dense, held out.
 
-    python experiments/quality_int8x.py           # ~2 min on 2 cores
+    python experiments/quality_int8x.py           # ~3 min on 2 cores
 
 The int8-x kernels (``IndexedMLP(..., x_int8=True)``) compute gate and up over x rounded
 to int8 per group of 64 channels, exactly the float model over the dequantized x
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 import sparselab as sl
-from sparselab._fast.quant import round_x_int8
+from sparselab._fast.quant import INT8_FORMATS, round_x_int8
 from sparselab._version import versions
 from sparselab.models import adapter_for
 from sparselab.runtime.sparsify import put_back, quantize_layer_in_place
@@ -63,10 +63,12 @@ def main():
     ref = token_log_probs(model, ids_list)
     rows = [{"variant": "fp32 dense", "weights": "fp32", "x": "fp32"}]
     rows[0]["perplexity"], rows[0]["kl"] = score(ref, ref, ids_list)
-    for block, wname in ((32, "int8 blocks of 32"), (64, "int8 blocks of 64"), (None, "int8 per row")):
-        saved: list = []  # the same int8 weights as sl.sparsify(weights=...) runs
+    for fmt, wname in (("int8", "int8 blocks of 32"), ("int8_b64", "int8 blocks of 64"),
+                       ("int8_rows", "int8 per row"),
+                       ("int8_rowcol", "int8 per row, down also per output channel")):
+        saved: list = []  # the same int8 weights as sl.sparsify(weights=fmt) runs
         for spec in adapter_for(model).layers:
-            quantize_layer_in_place(spec, saved, block)
+            quantize_layer_in_place(spec, saved, **INT8_FORMATS[fmt])
         try:
             for x8 in (False, True):
                 hooks = [layer.mlp.register_forward_pre_hook(

@@ -435,6 +435,9 @@ def test_with_int8_mlp_counts_one_byte_per_weight_plus_scales():
     assert with_int8_mlp(b, row_length=8).mlp == 144 + 18 * 4
     assert with_int8_mlp(b, row_length=8, block=4).mlp == 144 + 36 * 4
     assert with_int8_mlp(b, row_length=8).other == HAND["other"]  # only the MLP changes
+    # down's output-channel scales: 8 float32 per layer, 2 layers, read whatever the density
+    cols = with_int8_mlp(b, row_length=8, down_col_scales=True)
+    assert cols.mlp == 144 + 18 * 4 and cols.other == HAND["other"] + 2 * 8 * 4
     with pytest.raises(ValueError, match="divisor of the row length 8"):
         with_int8_mlp(b, row_length=8, block=3)
 
@@ -446,6 +449,7 @@ def test_kernel_bench_bytes_per_weight_count_the_scales():
     assert bytes_per_weight("int8_b32", 3072) == 1.125  # 32 bytes + a 4-byte scale per 32
     assert bytes_per_weight("int8_b64_x8", 3072) == 1.0625  # x8: the same weights
     assert bytes_per_weight("int8_row", 3072) == pytest.approx(1 + 4 / 3072)
+    assert bytes_per_weight("int8_rowcol", 3072) == bytes_per_weight("int8_row", 3072)
 
 
 def test_kernel_bench_ceiling_counts_every_tokens_bytes_of_weights():
@@ -569,3 +573,32 @@ def test_dense_kernel_reference_runs_every_neuron_through_the_kernel(tmp_path):
     section = md.split("## Against the dense MLP through the same kernel (dense_kernel)")[1]
     assert "sparse_direct" in section and "| sparse_direct | kernel |" in section
     assert "| dense | " not in section  # only sparse variants in its gap table
+
+
+def test_bench_targets_counts_a_cell_met_by_the_median_of_its_rounds():
+    """experiments/bench_targets.py: per round the ratio of two formats' medians in the same
+    loop, the median over rounds against the target (by hand on made-up timings)."""
+    spec = importlib.util.spec_from_file_location("bench_targets",
+                                                  ROOT / "experiments" / "bench_targets.py")
+    bt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bt)
+    ms = {  # (round, kernel, dtype) -> median ms; one thread count, one density
+        (0, "cache_kernel", "float32"): 6.0, (0, "cache_kernel", "bfloat16"): 3.0,
+        (0, "cache_kernel", "int8_rowcol"): 1.5,
+        (1, "cache_kernel", "float32"): 6.0, (1, "cache_kernel", "bfloat16"): 4.0,
+        (1, "cache_kernel", "int8_rowcol"): 2.5,
+        (2, "cache_kernel", "float32"): 6.0, (2, "cache_kernel", "bfloat16"): 3.2,
+        (2, "cache_kernel", "int8_rowcol"): 2.1,
+    }
+    ms.update({(r, "index_kernel", f): v * 2 for (r, _, f), v in ms.items()})
+    df = pd.DataFrame([{"round": r, "threads": 1, "density": 0.3, "method": k, "dtype": f,
+                        "median_ms": v} for (r, k, f), v in ms.items()])
+    t = bt.target_table(df, ["int8_rowcol"]).set_index(["target", "kernel"])
+    bf = t.loc[("bfloat16 >= 1.8x float32", "cache_kernel")]
+    assert bf["rounds"] == "2.00 / 1.50 / 1.88" and bf["median"] == 1.875 and bf["lowest"] == 1.5
+    assert bool(bf["met"])  # median 1.875 >= 1.8 although one round is 1.5
+    i8 = t.loc[("int8_rowcol >= 3x float32", "index_kernel")]  # 4.0, 2.4, 2.857...
+    assert i8["median"] == pytest.approx(2.857, abs=1e-3) and not bool(i8["met"])
+    vs = t.loc[("int8_rowcol >= 1.6x bfloat16", "cache_kernel")]  # 2.0, 1.6, 1.524
+    assert vs["median"] == 1.6 and bool(vs["met"])
+    assert len(t) == 3 * 2

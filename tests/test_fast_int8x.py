@@ -54,12 +54,14 @@ def sx_of(x):
 @given(path=st.sampled_from(PATHS), n=st.sampled_from([1, 3, 64, 129]),
        h=st.sampled_from([1, 15, 32, 63, 64, 65, 96, 100, 257, 320, 512]),
        batch=st.sampled_from([1, 3]), density=st.sampled_from([0.1, 0.5, 1.0]),
-       n_threads=st.sampled_from([1, 2]), x_bf16=st.booleans(), block=st.sampled_from(BLOCKS),
-       seed=st.integers(0, 10_000))
+       n_threads=st.sampled_from([1, 2]), x_bf16=st.booleans(),
+       block=st.sampled_from(BLOCKS + ("rowcol",)), seed=st.integers(0, 10_000))
 def test_int8x_kernels_match_float64_reference(path, n, h, batch, density, n_threads, x_bf16,
                                                block, seed):
-    block = block if block and h % block == 0 else None  # blocks must divide the row
-    qg, qu, qd, x = random_int8_mlp(n, h, seed, block, outlier=30.0)
+    # "rowcol": per row, down_t with column scales too
+    rowcol = block == "rowcol"
+    block = block if isinstance(block, int) and h % block == 0 else None  # blocks divide the row
+    qg, qu, qd, x = random_int8_mlp(n, h, seed, block, outlier=30.0, down_col_scales=rowcol)
     x = x[:batch].to(torch.bfloat16) if x_bf16 else x[:batch]
     mask = np.random.default_rng(seed).random(n) < density
     g, u, dt = qg.dequantize(), qu.dequantize(), qd.dequantize()

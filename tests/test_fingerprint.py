@@ -79,7 +79,7 @@ def test_same_weights_give_the_same_fingerprint(model):
 def test_bfloat16_and_int8_copies_match(model):
     fp = mlp_fingerprint(model)
     assert fingerprint_diffs(fp, mlp_fingerprint(make_model().to(torch.bfloat16))) == ""
-    for weights in ("int8", "int8_rows"):
+    for weights in ("int8", "int8_rows", "int8_rowcol"):
         other = make_model()
         with sl.sparsify(other, mode="static", static_neurons={i: np.arange(50) for i in range(LAYERS)},
                          weights=weights):

@@ -326,7 +326,10 @@ cdef inline void _down_chunk(const wtype* down, Py_ssize_t d_stride, const int64
 cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
               const wtype* down, Py_ssize_t d_stride, const int64_t* idx, Py_ssize_t n,
               const float* sc, Py_ssize_t nb, const float* x, Py_ssize_t bsz, Py_ssize_t h,
-              float* y, int act, int n_threads, bint x_int8=False) except -1:
+              float* y, int act, int n_threads, bint x_int8=False,
+              const float* oc=NULL) except -1:
+    """``oc`` (int8 down_t with column scales, or NULL): y's per-output-channel scales,
+    multiplied in by the thread that owns the channel once its down pass is done."""
     cdef float* hb
     cdef QuantX qx
     cdef QuantX* q = NULL
@@ -422,6 +425,8 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
                 c1 = h
             if c0 < c1:
                 _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1, sc, nb, ahead)
+                if oc != NULL:
+                    _scale_columns(y, bsz, h, oc, c0, c1)
     free(hb)
     if xb != NULL:
         free(xb)
@@ -430,6 +435,22 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
         free(qx.xa)
         free(qx.sx)
     return 0
+
+
+cdef inline void _scale_columns(float* y, Py_ssize_t bsz, Py_ssize_t h, const float* oc,
+                                Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    cdef Py_ssize_t b, k
+    for b in range(bsz):
+        for k in range(c0, c1):
+            y[b * h + k] *= oc[k]
+
+
+cdef const float* _out_scales(const float[::1] out_scale, Py_ssize_t h) except? NULL:
+    if out_scale is None:
+        return NULL
+    if out_scale.shape[0] != h:
+        raise ValueError(f"out_scale has {out_scale.shape[0]} entries, x has {h} channels")
+    return &out_scale[0]
 
 
 cdef const float* _int8_scales(const float[:, :, ::1] scales, Py_ssize_t* nb) except NULL:
@@ -443,44 +464,52 @@ cdef const float* _int8_scales(const float[:, :, ::1] scales, Py_ssize_t* nb) ex
 
 def index_forward(const wtype[:, ::1] gate, const wtype[:, ::1] up, const wtype[:, ::1] down_t,
                   const int64_t[::1] idx, const float[:, ::1] x, float[:, ::1] y, int act,
-                  int n_threads, const float[:, :, ::1] scales=None, bint x_int8=False):
+                  int n_threads, const float[:, :, ::1] scales=None, bint x_int8=False,
+                  const float[::1] out_scale=None):
     """By index: rows ``idx`` of the full ``gate``/``up``/``down_t`` ``[I, H]``, in place.
     int8 weights need ``scales [I, 3, nb]`` (gate, up, down scales of each neuron: one per
     row, ``nb == 1``, or one per block, ``nb == H / block``); ``x_int8``: the gate/up
-    dot products round x to int8 per group of 64 and run on integers (csrc/sl_qdot.h)."""
+    dot products round x to int8 per group of 64 and run on integers (csrc/sl_qdot.h);
+    ``out_scale [H]`` (int8, per-row): down_t's column scales, multiplied into y."""
     cdef Py_ssize_t n = idx.shape[0], bsz = x.shape[0], h = x.shape[1]
     cdef const float* sc = NULL
+    cdef const float* oc = NULL
     cdef Py_ssize_t nb = 1
+    if wtype is int8_t:
+        sc = _int8_scales(scales, &nb)
+        oc = _out_scales(out_scale, h)
+    elif x_int8 or out_scale is not None:
+        raise ValueError("x_int8 and out_scale need int8 weights")
     if n == 0:
         y[:, :] = 0.0
         return None
-    if wtype is int8_t:
-        sc = _int8_scales(scales, &nb)
-    elif x_int8:
-        raise ValueError("x_int8 needs int8 weights")
     _run(&gate[0, 0], &up[0, 0], h, &down_t[0, 0], h, &idx[0], n, sc, nb, &x[0, 0], bsz, h,
-         &y[0, 0], act, n_threads, x_int8)
+         &y[0, 0], act, n_threads, x_int8, oc)
     return None
 
 
 def cache_forward(const wtype[:, :, ::1] gate_up, const wtype[:, ::1] down_t, Py_ssize_t n,
                   const float[:, ::1] x, float[:, ::1] y, int act, int n_threads,
-                  const float[:, :, ::1] scales=None, bint x_int8=False):
+                  const float[:, :, ::1] scales=None, bint x_int8=False,
+                  const float[::1] out_scale=None):
     """Over the cache: the first ``n`` slots of a cache's ``gate_up [cap, 2, H]`` and
     ``down_t [cap, H]`` buffers, which are contiguous, so no index indirection. int8
-    weights need the slots' ``scales [cap, 3, nb]`` (``x_int8`` as in index_forward)."""
+    weights need the slots' ``scales [cap, 3, nb]`` (``x_int8``, ``out_scale`` as in
+    index_forward)."""
     cdef Py_ssize_t bsz = x.shape[0], h = x.shape[1]
     cdef const float* sc = NULL
+    cdef const float* oc = NULL
     cdef Py_ssize_t nb = 1
+    if wtype is int8_t:
+        sc = _int8_scales(scales, &nb)
+        oc = _out_scales(out_scale, h)
+    elif x_int8 or out_scale is not None:
+        raise ValueError("x_int8 and out_scale need int8 weights")
     if n == 0:
         y[:, :] = 0.0
         return None
-    if wtype is int8_t:
-        sc = _int8_scales(scales, &nb)
-    elif x_int8:
-        raise ValueError("x_int8 needs int8 weights")
     _run(&gate_up[0, 0, 0], &gate_up[0, 1, 0], 2 * h, &down_t[0, 0], h, NULL, n, sc, nb,
-         &x[0, 0], bsz, h, &y[0, 0], act, n_threads, x_int8)
+         &x[0, 0], bsz, h, &y[0, 0], act, n_threads, x_int8, oc)
     return None
 
 

@@ -31,7 +31,7 @@ from sparselab._fast._validate import (
 )
 from sparselab._fast.masks import pack, xor_diff
 from sparselab._fast.pages import use_huge_pages
-from sparselab._fast.quant import stacked_scales
+from sparselab._fast.quant import output_scales, stacked_scales
 
 __all__ = ["UpdateStats", "WeightCache"]
 
@@ -137,9 +137,11 @@ class WeightCache:
         self._bundle = None
         self._prefetch = None
         # int8: every neuron's (gate, up, down) scale; the cache keeps its slots' copy in _sc
-        self._src_sc = None
+        self._src_sc = self._out_sc = None
         if dtype == torch.int8:
             self._src_sc = stacked_scales(gate_weight, up_weight, down_t)
+            # down_t's column scales (per output channel, not per slot): stay as they are
+            self._out_sc = output_scales(down_t)
         self._headroom = 0.25
         self._init_state(dtype, n_neurons, hidden, capacity)
 
@@ -173,7 +175,7 @@ class WeightCache:
         self._src = ()
         self._bundle = bundle
         self._prefetch = prefetch
-        self._src_sc = None  # a bundle holds float weights only
+        self._src_sc = self._out_sc = None  # a bundle holds float weights only
         if not 0.0 <= float(headroom) <= 4.0:
             raise ValueError(f"headroom must be in [0, 4], got {headroom!r}")
         self._headroom = float(headroom)
@@ -410,7 +412,7 @@ class WeightCache:
         y = torch.empty(x32.shape, dtype=torch.float32)
         if x32.shape[0]:
             _mlp.cache_forward(self._gu_np, self._dt_np, self._n, x32, y.numpy(), code, nt,
-                               self._sc, bool(x_int8))
+                               self._sc, bool(x_int8), self._out_sc)
         return finish(y, was_1d, od)
 
     __call__ = forward

@@ -26,7 +26,7 @@ from sparselab._fast._validate import (
     resolve_out_dtype,
 )
 from sparselab._fast.pages import use_huge_pages
-from sparselab._fast.quant import stacked_scales
+from sparselab._fast.quant import output_scales, stacked_scales
 
 __all__ = ["BundleMLP", "IndexedMLP", "sparse_mlp"]
 
@@ -56,7 +56,7 @@ def sparse_mlp(x, gate_weight, up_weight, down_t, active_idx, activation: str,
     ``gate_weight``/``up_weight``/``down_t`` are ``[I, H]`` contiguous (``down_t`` is
     ``down_proj.weight.t().contiguous()``), float32 or bfloat16, or all three
     :class:`~sparselab._fast.quant.Int8Rows` (``quantize_int8``; ``down_t`` quantized by
-    its rows; then ``x`` is float32 or bfloat16 and ``y`` float32 by default). ``active_idx`` is 1-D
+    its rows, optionally with a scale per output channel, ``col_scales=True``; then ``x`` is float32 or bfloat16 and ``y`` float32 by default). ``active_idx`` is 1-D
     integer, unique, in ``[0, I)``, any order (sorted is friendlier to the prefetcher).
     """
     # one call: collapsing the weights to huge pages would cost more than it saves
@@ -103,10 +103,12 @@ class IndexedMLP:
         if dt.shape != gate.shape:
             raise ValueError(f"down_t has shape {tuple(dt.shape)}; expected [I, H] = "
                              f"{tuple(gate.shape)} (transpose down_proj.weight)")
-        self._scales = None
+        self._scales = self._out_scales = None
         if gate.dtype == torch.int8:
-            # per neuron: (gate, up, down) scale, read by the kernel next to the rows
+            # per neuron: (gate, up, down) scale, read by the kernel next to the rows; per
+            # output channel (down_t with column scales): multiplied into y at the end
             self._scales = stacked_scales(gate_weight, up_weight, down_t)
+            self._out_scales = output_scales(down_t)
         self._weights = (gate, up, dt)  # keep the tensors the numpy views point into alive
         self.x_int8 = check_x_int8(x_int8, gate.dtype)
         self.dtype = gate.dtype
@@ -130,7 +132,7 @@ class IndexedMLP:
         if x32.shape[0]:
             nt = self._n_threads if self._n_threads is not None else max(1, torch.get_num_threads())
             _mlp.index_forward(self._gate_np, self._up_np, self._dt_np, idx, x32, y.numpy(),
-                               self._code, nt, self._scales, self.x_int8)
+                               self._code, nt, self._scales, self.x_int8, self._out_scales)
         return y
 
 

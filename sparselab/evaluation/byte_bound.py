@@ -138,7 +138,7 @@ def int8_bytes_per_weight(block: int | None, row_length: int) -> float:
 
 
 def with_int8_mlp(budget: DecodeBytes, row_length: int, block: int | None = None,
-                  from_size: int = 4) -> DecodeBytes:
+                  from_size: int = 4, down_col_scales: bool = False) -> DecodeBytes:
     """``budget`` with its MLP weights stored as int8 plus a float32 scale per ``block``
     weights (``None``: per row of ``row_length``), as ``sl.sparsify(weights=...)`` runs them.
 
@@ -147,12 +147,15 @@ def with_int8_mlp(budget: DecodeBytes, row_length: int, block: int | None = None
 
     ``from_size``: bytes per weight in ``budget`` (4 for a float32 model). Every MLP row
     (gate and up by neuron, down by neuron as its transpose) has ``row_length`` weights.
+    ``down_col_scales``: each layer's down also has a float32 scale per output channel
+    (``row_length`` of them), read every token whatever the density, so counted in ``other``.
     """
     if row_length < 1 or (block is not None and (block < 1 or row_length % block)):
         raise ValueError(f"block {block!r} must be None or a positive divisor of the row length "
                          f"{row_length}")
     per_weight = int8_bytes_per_weight(block, row_length)
-    return replace(budget, mlp=round(budget.mlp / from_size * per_weight))
+    col = 4 * row_length * budget.n_layers if down_col_scales else 0
+    return replace(budget, mlp=round(budget.mlp / from_size * per_weight), other=budget.other + col)
 
 
 def decode_bytes_from_config(config, dtype: torch.dtype = torch.float32,

@@ -174,39 +174,49 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
     torch.set_num_threads(max(threads))
 
 
-FORMATS = ("float32", "bfloat16", "int8_b32", "int8_b64", "int8_row", "int8_b32_x8",
-           "int8_b64_x8", "int8_row_x8")
-# the int8 formats: a float32 scale per block of this many weights (None: one per row);
-# "_x8": the same weights with x rounded to int8 for gate and up (integer dot products)
-INT8_FORMATS = {"int8_b32": 32, "int8_b64": 64, "int8_row": None}
+FORMATS = ("float32", "bfloat16", "int8_b32", "int8_b64", "int8_row", "int8_rowcol",
+           "int8_b32_x8", "int8_b64_x8", "int8_row_x8")
+# the int8 formats: quantize_mlp_int8's arguments (a float32 scale per block of this many
+# weights, or per row; "int8_rowcol": per row, down also per output channel); "_x8": the
+# same weights with x rounded to int8 for gate and up (integer dot products)
+INT8_FORMATS = {"int8_b32": {"block": 32}, "int8_b64": {"block": 64}, "int8_row": {"block": None},
+                "int8_rowcol": {"block": None, "down_col_scales": True}}
 
 
 def bytes_per_weight(fmt: str, row_length: int) -> float:
     """Bytes a kernel reads per weight of format ``fmt`` (a :data:`FORMATS` name) in rows of
-    ``row_length`` (the scales counted, as ``byte_bound.with_int8_mlp`` counts them)."""
+    ``row_length`` (the scales counted, as ``byte_bound.with_int8_mlp`` counts them; the
+    ``row_length`` output-channel scales of "int8_rowcol", read once per call whatever the
+    density, are not a per-weight cost and not counted)."""
     base = fmt.removesuffix("_x8")
     if base in INT8_FORMATS:
-        return int8_bytes_per_weight(INT8_FORMATS[base], row_length)
+        return int8_bytes_per_weight(INT8_FORMATS[base]["block"], row_length)
     return {"float32": 4.0, "bfloat16": 2.0}[base]
 
 
 def format_weights(g32, u32, d32):
     """Every format's (gate, up, down_t) of one MLP, from float32 weights."""
-    from sparselab._fast.quant import quantize_int8
+    from sparselab._fast.quant import quantize_mlp_int8
 
     dt32 = d32.t().contiguous()
     out = {"float32": (g32, u32, dt32),
            "bfloat16": tuple(t.to(torch.bfloat16) for t in (g32, u32, dt32))}
-    for name, block in INT8_FORMATS.items():
-        out[name] = out[name + "_x8"] = tuple(quantize_int8(t, block) for t in (g32, u32, dt32))
+    for name, kw in INT8_FORMATS.items():
+        out[name] = out[name + "_x8"] = quantize_mlp_int8(g32, u32, dt32, **kw)
     return out
 
 
-def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_isa=("avx2",)):
+def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_isa=("avx2",),
+                  formats=FORMATS):
     """Both kernels on every weight format side by side (interleaved in one loop), with the
     dense baselines of each format: torch fp32 and bf16, and the by-index kernel over all
     neurons for int8 (the dense 8-bit MLP). ``extra_isa``: paths also timed for bf16 (to
-    show what a CPU without AVX-512 BF16 gets; same memory system)."""
+    show what a CPU without AVX-512 BF16 gets; same memory system). ``formats``: a subset
+    of :data:`FORMATS` (float32 always, as the reference of every speedup)."""
+    unknown = set(formats) - set(FORMATS)
+    if unknown:
+        raise ValueError(f"unknown formats {sorted(unknown)}; known: {FORMATS}")
+    formats = ("float32",) + tuple(f for f in FORMATS if f in formats and f != "float32")
     from sparselab._fast import isa
 
     hidden, inter = SHAPES[shape_name]
@@ -231,7 +241,7 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
                 xf = x32.to(g.dtype)
                 fns[f"dense_torch/{f}"] = (lambda g=g, u=u, d=d, xf=xf:
                                            F.linear(F.silu(F.linear(xf, g)) * F.linear(xf, u), d))
-            for f in FORMATS:
+            for f in formats:
                 g, u, dt = fw[f]
                 xf = x32.to(torch.bfloat16) if f == "bfloat16" else x32
                 x8 = f.endswith("_x8")

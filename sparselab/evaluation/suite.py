@@ -55,6 +55,7 @@ import pandas as pd
 import torch
 
 from sparselab._fast.pages import use_huge_pages
+from sparselab._fast.quant import INT8_FORMATS
 from sparselab._version import versions
 from sparselab.evaluation.byte_bound import (
     DecodeBytes,
@@ -83,7 +84,7 @@ from sparselab.prediction import (
     train_predictors,
 )
 from sparselab.recording.recorder import record
-from sparselab.runtime.sparsify import INT8_BLOCK, WEIGHT_FORMATS, sparsify
+from sparselab.runtime.sparsify import WEIGHT_FORMATS, sparsify
 
 __all__ = ["DEFAULTS", "VARIANTS", "Setup", "analyse", "build_random_llama", "check_config",
            "load_config", "make_prompt", "measure", "prepare", "trained_predictors",
@@ -355,7 +356,7 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
     if config["weights"] != "model":  # every variant's byte bound is against the int8 dense step
         budget, full_budget = (
             None if b is None else
-            with_int8_mlp(b, model.config.hidden_size, INT8_BLOCK[config["weights"]])
+            with_int8_mlp(b, model.config.hidden_size, **INT8_FORMATS[config["weights"]])
             for b in (budget, full_budget))
     return Setup(config=config, model=model, tokenizer=tokenizer, predictors=predictors,
                  input_ids=input_ids, budget=budget,
@@ -371,7 +372,7 @@ def prepare(config: dict[str, Any], threads: int | None = None, progress: bool =
 def variant_factories(setup: Setup) -> dict[str, Callable | None]:
     """Name -> None (the model as it is) or a factory that sparsifies it (undone by ``restore``).
 
-    With ``weights`` an int8 format (``"int8"``, ``"int8_b64"``, ``"int8_rows"``) every
+    With ``weights`` an int8 format (``"int8"``, ``"int8_b64"``, ``"int8_rows"``, ``"int8_rowcol"``) every
     sparse variant runs int8 MLP weights, and ``dense`` is the dense int8 MLP: all neurons
     through the same by-index kernel (``dense_float`` is then the float model as it is).
     """

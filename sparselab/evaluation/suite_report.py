@@ -171,10 +171,13 @@ def _against_dense_kernel(runs: pd.DataFrame, budget: DecodeBytes, density: floa
 
 
 def _int8_label(weights: str) -> str:
-    from sparselab.runtime.sparsify import INT8_BLOCK
+    from sparselab._fast.quant import INT8_FORMATS
 
-    block = INT8_BLOCK[weights]
-    return f"a float32 scale per {block} weights" if block else "a float32 scale per row"
+    fmt = INT8_FORMATS[weights]
+    if fmt["block"]:
+        return f"a float32 scale per {fmt['block']} weights"
+    return ("a float32 scale per row, and per output channel of down"
+            if fmt.get("down_col_scales") else "a float32 scale per row")
 
 
 def write_results(result: dict[str, Any], runs: pd.DataFrame, out_dir: str | os.PathLike) -> dict[str, Path]:

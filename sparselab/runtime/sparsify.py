@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from sparselab._checks import check_choice, check_fraction
+from sparselab._fast.quant import INT8_FORMATS, quantize_mlp_int8
 from sparselab.masking.rules import Rule, TopK
 from sparselab.models import ModelAdapter, activation_module, adapter_for
 from sparselab.prediction.protocol import MaskPredictor
@@ -55,9 +56,8 @@ __all__ = ["DISK_CACHE_WINDOW", "KERNELS", "PREFILLS", "SPARSIFY_MODES", "Alread
 SPARSIFY_MODES = ("predicted", "oracle", "static", "method")
 KERNELS = ("fast", "torch")
 PREFILLS = ("dense", "union", "per_token")
-WEIGHT_FORMATS = ("model", "int8", "int8_b64", "int8_rows")
-# scales per block of this many weights of a row (None: one scale per row)
-INT8_BLOCK = {"int8": 32, "int8_b64": 64, "int8_rows": None}
+# "model", then the int8 formats (quant.INT8_FORMATS: how each layer is quantized)
+WEIGHT_FORMATS = ("model", *INT8_FORMATS)
 
 
 class AlreadySparsifiedError(RuntimeError):
@@ -184,11 +184,13 @@ def sparsify(
       token (what a memory cap needs). A step's own neurons come first, then the window's
       newest first while they fit; neurons of a step beyond it are read from the file in
       place by the direct kernel. Default None: the cache grows to what it must hold.
-    - ``weights``: ``"model"`` (the model's own), ``"int8"``, ``"int8_b64"`` or
-      ``"int8_rows"``: the sparsified layers' MLP weights are quantized to int8
-      (``_fast.quant.quantize_int8``; a float32 scale per block of 32 or 64 weights, or per
-      row: gate and up by neuron, down by column; on SmolLM2, dense, +0.7 % / +0.0 % /
-      +3.6 % perplexity against fp32, KL 0.0025 / 0.0044 / 0.032), the fast kernels read
+    - ``weights``: ``"model"`` (the model's own), ``"int8"``, ``"int8_b64"``,
+      ``"int8_rows"`` or ``"int8_rowcol"``: the sparsified layers' MLP weights are quantized
+      to int8 (``_fast.quant.INT8_FORMATS``; a float32 scale per block of 32 or 64 weights,
+      or per row: gate and up by neuron, down by column; ``"int8_rowcol"``: per row, and
+      down also per output channel, 1 byte per weight like per row; on SmolLM2, dense,
+      perplexity against fp32 +0.7 % / +0.0 % / +3.6 % / -0.2 %, KL 0.0025 / 0.0044 /
+      0.032 / 0.0017, ``experiments/quality_int8x.py``), the fast kernels read
       the int8 bytes, and the model's own tensors are set to the dequantized values while
       sparsified (so dense prefill and torch paths compute the same int8 model;
       ``restore()`` puts the originals back bit for bit). float32 models only.
@@ -372,7 +374,7 @@ def sparsify(
             # the model's own activation module: density 1.0 is then bit-identical to dense
             act_fn = activation_module(spec.mlp) or adapter.act_fn
             down = spec.down_proj.weight
-            int8 = (quantize_layer_in_place(spec, originals, INT8_BLOCK[weights])
+            int8 = (quantize_layer_in_place(spec, originals, **INT8_FORMATS[weights])
                     if weights != "model" else None)
             down_t = (transpose_in_place(down, scratch)
                       if (mode not in ("oracle", "method") or fast_method) and weight_file is None
@@ -396,20 +398,20 @@ def sparsify(
     return handle
 
 
-def quantize_layer_in_place(spec, originals: list, block: int | None):
-    """int8 (gate, up, down_t) of one layer (scales per ``block`` weights, or per row); the
-    layer's tensors get the dequantized values, their originals are appended to ``originals``
-    for :func:`put_back`. Down is quantized as its transpose, i.e. per neuron.
+def quantize_layer_in_place(spec, originals: list, block: int | None,
+                            down_col_scales: bool = False):
+    """int8 (gate, up, down_t) of one layer (scales per ``block`` weights, or per row; with
+    ``down_col_scales`` down also per output channel); the layer's tensors get the
+    dequantized values, their originals are appended to ``originals`` for :func:`put_back`.
+    Down is quantized as its transpose, i.e. per neuron.
 
         >>> saved = []
         >>> for spec in adapter_for(model).layers: quantize_layer_in_place(spec, saved, 32)
         >>> put_back(saved)                                  # the float weights again
     """
-    from sparselab._fast.quant import quantize_int8
-
     gate_w, up_w = spec.gate_up_weights()
     down = spec.down_proj.weight
-    qg, qu, qd = (quantize_int8(w, block) for w in (gate_w, up_w, down.t()))
+    qg, qu, qd = quantize_mlp_int8(gate_w, up_w, down.t(), block, down_col_scales)
     with torch.no_grad():
         for t, deq in ((gate_w, qg.dequantize()), (up_w, qu.dequantize()),
                        (down, qd.dequantize().t())):

@@ -18,16 +18,21 @@ __all__ = ["random_int8_mlp"]
 
 
 def random_int8_mlp(n: int, h: int, seed: int, block: int | None = None,
-                    outlier: float = 1.0):
+                    outlier: float = 1.0, down_col_scales: bool = False):
     """int8 ``(gate, up, down_t)`` of an ``n``-neuron MLP with hidden size ``h`` (scales per
-    row, or per ``block`` weights) and a float32 ``x [3, h]``; channel 0 of ``x`` is
-    multiplied by ``outlier`` (LLM activations have a few large channels)."""
+    row, or per ``block`` weights; ``down_col_scales``: per row, and down_t also per output
+    channel, whose channel 0 is then 20x larger, as LLMs' massive residual channels) and a
+    float32 ``x [3, h]``; channel 0 of ``x`` is multiplied by ``outlier`` (LLM activations
+    have a few large channels)."""
     g = torch.Generator().manual_seed(seed)
     s = 1.0 / math.sqrt(h)
     gate = torch.randn(n, h, generator=g) * 2 * s
     up = torch.randn(n, h, generator=g) * s
     down = torch.randn(h, n, generator=g) * s
-    qg, qu, qd = (quantize_int8(w, block) for w in (gate, up, down.t().contiguous()))
+    if down_col_scales:
+        down[0] *= 20.0
+    qg, qu = (quantize_int8(w, block) for w in (gate, up))
+    qd = quantize_int8(down.t().contiguous(), block, col_scales=down_col_scales)
     x = torch.randn(3, h, generator=g)
     x[:, 0] *= outlier
     return qg, qu, qd, x
