@@ -19,21 +19,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 
 from sparselab import _fast
 from sparselab._fast import _mlp
 from sparselab._version import versions
-from sparselab.evaluation.kernel_bench import (
-    SHAPES,
-    format_weights,
-    interleaved,
-    random_mask,
-    run_sweep,
-    stats_ms,
-)
+from sparselab.evaluation.kernel_bench import knob_sweep, run_sweep
 from sparselab.evaluation.suite_report import machine_info
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,49 +32,9 @@ FORMATS = ("float32", "bfloat16", "int8_rowcol", "int8_b64")
 PARTS = (1, 2)
 
 
-def split_fns(fw, x32, mask, idx, threads: int) -> dict:
-    """(format, kernel, parts) -> a call that sets the down pass's row halves, then runs."""
-    fns = {}
-    for f in FORMATS:
-        g, u, dt = fw[f]
-        xf = x32.to(torch.bfloat16) if f == "bfloat16" else x32
-        cache = _fast.WeightCache(g, u, down_t=dt)
-        cache.update(mask)
-        indexed = _fast.IndexedMLP(g, u, dt, "silu", threads)
-        kernels = {"cache_kernel": lambda c=cache, xf=xf: c.forward(xf, "silu", n_threads=threads),
-                   "index_kernel": lambda m=indexed, xf=xf: m(xf, idx)}
-        for kernel, run in kernels.items():
-            for parts in PARTS:
-                def call(run=run, parts=parts):
-                    _mlp._set_down_parts(parts)
-                    return run()
-                fns[(f, kernel, parts)] = call
-    return fns
-
-
 def measure(shape: str, densities, threads, reps: int, seed: int = 0) -> pd.DataFrame:
-    hidden, inter = SHAPES[shape]
-    gen = torch.Generator().manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    fw = format_weights(torch.randn(inter, hidden, generator=gen) / hidden**0.5,
-                        torch.randn(inter, hidden, generator=gen) / hidden**0.5,
-                        torch.randn(hidden, inter, generator=gen) / inter**0.5)
-    x32 = torch.randn(1, hidden, generator=gen)
-    rows = []
-    try:
-        for nt in threads:
-            for dens in densities:
-                mask = random_mask(inter, dens, rng)
-                t = interleaved(split_fns(fw, x32, mask, np.flatnonzero(mask), nt), reps)
-                for (f, kernel, parts), ns in t.items():
-                    med, q1, q3 = stats_ms(ns)
-                    rows.append(dict(shape=shape, threads=nt, density=dens, format=f,
-                                     kernel=kernel, parts=parts, median_ms=med, q1_ms=q1,
-                                     q3_ms=q3, reps=reps))
-                print(f"threads {nt}, d = {dens}: done", flush=True)
-    finally:
-        _mlp._set_down_parts(2)  # the shipped default
-    return pd.DataFrame(rows)
+    return pd.DataFrame(knob_sweep(shape, densities, threads, reps, FORMATS, _mlp._set_down_parts,
+                                   PARTS, 2, "parts", seed))  # 2: the shipped default
 
 
 def markdown(df: pd.DataFrame, args) -> str:

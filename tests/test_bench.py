@@ -602,3 +602,38 @@ def test_bench_targets_counts_a_cell_met_by_the_median_of_its_rounds():
     vs = t.loc[("int8_rowcol >= 1.6x bfloat16", "cache_kernel")]  # 2.0, 1.6, 1.524
     assert vs["median"] == 1.6 and bool(vs["met"])
     assert len(t) == 3 * 2
+
+
+def test_knob_sweep_sets_the_knob_before_every_call_and_restores_its_default():
+    """kernel_bench.knob_sweep (bench_prefetch.py, bench_down_split.py): a row per (format,
+    kernel, value), the kernels run with the knob at each value (the real knob here: two
+    row halves or one give the same sums within rounding), and the default is set last,
+    also when a call fails."""
+    from sparselab._fast import _mlp
+    from sparselab.evaluation import kernel_bench as kb
+
+    seen = []
+
+    def knob(v):
+        seen.append(v)
+        _mlp._set_down_parts(v)
+
+    rows = kb.knob_sweep("smollm2-135m", [0.3], [1], 2, ("float32", "int8_rowcol"), knob,
+                         (1, 2), 2, "parts")
+    assert {(r["format"], r["kernel"], r["parts"]) for r in rows} == {
+        (f, k, p) for f in ("float32", "int8_rowcol") for k in ("cache_kernel", "index_kernel")
+        for p in (1, 2)}
+    assert all(r["median_ms"] > 0 and r["reps"] == 2 for r in rows)
+    assert seen[-1] == 2 and set(seen[:-1]) == {1, 2}
+    # (2 warm-ups + 2 reps) calls per (format, kernel, value), each setting its value first
+    assert len(seen) - 1 == 2 * 2 * 2 * (2 + 2)
+    seen.clear()
+
+    def bad(v):
+        seen.append(v)
+        if v == 7:
+            raise RuntimeError("knob refused")
+
+    with pytest.raises(RuntimeError, match="knob refused"):
+        kb.knob_sweep("smollm2-135m", [0.3], [1], 1, ("float32",), bad, (7,), 0, "v")
+    assert seen[-1] == 0  # the default, set in spite of the error

@@ -320,6 +320,62 @@ def bench_ceiling(rows: Rows, shape_name, reps, rng, density: float = 0.3, batch
               "of weights processed", flush=True)
 
 
+def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, values, default,
+               column: str, seed: int = 0) -> list[dict]:
+    """Both kernels on every format in ``formats`` with a kernel knob at each of ``values``,
+    all interleaved in one loop per (threads, density): every call sets the knob
+    (``set_knob(value)``, e.g. ``_fast._mlp._set_prefetch``), then runs its kernel, so the
+    settings are timed rep by rep in rotation. The knob is set back to ``default`` at the
+    end, also on errors. Rows: shape, threads, density, format, kernel, ``column`` (the
+    value), median and quartile ms, reps.
+
+        >>> rows = knob_sweep("llama3.2-3b", [0.3], [1], 21, ("float32",), _mlp._set_down_parts,
+        ...                   (1, 2), 2, "parts")
+    """
+    hidden, inter = SHAPES[shape]
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    fw = format_weights(torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+                        torch.randn(inter, hidden, generator=gen) / hidden**0.5,
+                        torch.randn(hidden, inter, generator=gen) / inter**0.5)
+    x32 = torch.randn(1, hidden, generator=gen)
+    rows = []
+    try:
+        for nt in threads:
+            for dens in densities:
+                mask = random_mask(inter, dens, rng)
+                fns = _knob_fns(fw, formats, x32, mask, np.flatnonzero(mask), nt, set_knob, values)
+                for (f, kernel, value), ns in interleaved(fns, reps).items():
+                    med, q1, q3 = stats_ms(ns)
+                    rows.append({"shape": shape, "threads": nt, "density": dens, "format": f,
+                                 "kernel": kernel, column: value, "median_ms": med, "q1_ms": q1,
+                                 "q3_ms": q3, "reps": reps})
+                print(f"threads {nt}, d = {dens}: done", flush=True)
+    finally:
+        set_knob(default)
+    return rows
+
+
+def _knob_fns(fw, formats, x32, mask, idx, threads: int, set_knob, values) -> dict:
+    """(format, kernel, value) -> a call that sets the knob to value, then runs the kernel."""
+    fns = {}
+    for f in formats:
+        g, u, dt = fw[f]
+        xf = x32.to(torch.bfloat16) if f == "bfloat16" else x32
+        cache = _fast.WeightCache(g, u, down_t=dt)
+        cache.update(mask)
+        indexed = _fast.IndexedMLP(g, u, dt, "silu", threads)
+        kernels = {"cache_kernel": lambda c=cache, xf=xf: c.forward(xf, "silu", n_threads=threads),
+                   "index_kernel": lambda m=indexed, xf=xf: m(xf, idx)}
+        for kernel, run in kernels.items():
+            for value in values:
+                def call(run=run, value=value):
+                    set_knob(value)
+                    return run()
+                fns[(f, kernel, value)] = call
+    return fns
+
+
 def run_sweep(name: str, doc: str, run, results: Path, argv=None, reps: int = 21):
     """The command line and output of a kernel sweep script (``experiments/bench_prefetch.py``,
     ``bench_huge_pages.py``): ``--shape``, ``--densities``, ``--threads``, ``--reps``;
