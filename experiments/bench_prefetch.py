@@ -8,7 +8,9 @@ Llama-3.2-3B MLP shapes, batch 1, random weights and active sets. ``_fast._mlp._
 sets how many row pairs (gate/up pass) or groups of four (down pass) ahead the kernels
 prefetch; 0 turns the prefetch off, -1 restores the default (about 192 KiB ahead: 4 pairs of
 fp32 rows on these shapes, 8 of bf16, 16 of int8). Each call sets the knob, then runs the kernel, so the
-settings are timed rep by rep in rotation like any other compared methods. Writes
+settings are timed rep by rep, in a new random order every rep (in a fixed rotation each
+setting would always follow the one before on the same weights and find them warmer, and
+"off", first, never would; that overstated the gains in this file's earlier runs). Writes
 ``experiments/results/bench_prefetch.{csv,md}``: medians with quartiles, and the speedup of
 each setting over no prefetch (ratio of medians). The default (``PF_BYTES`` in
 ``_mlp.pyx``) is read off this table.

@@ -605,10 +605,9 @@ def test_bench_targets_counts_a_cell_met_by_the_median_of_its_rounds():
 
 
 def test_knob_sweep_sets_the_knob_before_every_call_and_restores_its_default():
-    """kernel_bench.knob_sweep (bench_prefetch.py, bench_down_split.py): a row per (format,
-    kernel, value), the kernels run with the knob at each value (the real knob here: two
-    row halves or one give the same sums within rounding), and the default is set last,
-    also when a call fails."""
+    """kernel_bench.knob_sweep (bench_prefetch.py): a row per (format, kernel, value), the
+    kernels run with the knob at each value (the real prefetch knob here: off and the
+    default), and the default is set last, also when a call fails."""
     from sparselab._fast import _mlp
     from sparselab.evaluation import kernel_bench as kb
 
@@ -616,15 +615,15 @@ def test_knob_sweep_sets_the_knob_before_every_call_and_restores_its_default():
 
     def knob(v):
         seen.append(v)
-        _mlp._set_down_parts(v)
+        _mlp._set_prefetch(v)
 
     rows = kb.knob_sweep("smollm2-135m", [0.3], [1], 2, ("float32", "int8_rowcol"), knob,
-                         (1, 2), 2, "parts")
-    assert {(r["format"], r["kernel"], r["parts"]) for r in rows} == {
-        (f, k, p) for f in ("float32", "int8_rowcol") for k in ("cache_kernel", "index_kernel")
-        for p in (1, 2)}
+                         (0, -1), -1, "ahead")
+    assert {(r["format"], r["kernel"], r["ahead"]) for r in rows} == {
+        (f, k, a) for f in ("float32", "int8_rowcol") for k in ("cache_kernel", "index_kernel")
+        for a in (0, -1)}
     assert all(r["median_ms"] > 0 and r["reps"] == 2 for r in rows)
-    assert seen[-1] == 2 and set(seen[:-1]) == {1, 2}
+    assert seen[-1] == -1 and set(seen[:-1]) == {0, -1}
     # (2 warm-ups + 2 reps) calls per (format, kernel, value), each setting its value first
     assert len(seen) - 1 == 2 * 2 * 2 * (2 + 2)
     seen.clear()
@@ -637,3 +636,19 @@ def test_knob_sweep_sets_the_knob_before_every_call_and_restores_its_default():
     with pytest.raises(RuntimeError, match="knob refused"):
         kb.knob_sweep("smollm2-135m", [0.3], [1], 1, ("float32",), bad, (7,), 0, "v")
     assert seen[-1] == 0  # the default, set in spite of the error
+
+
+def test_interleaved_shuffle_times_every_call_once_per_rep_in_varying_order():
+    """interleaved(shuffle_seed=...): every callable runs warmup + reps times, and the order
+    changes from rep to rep (so no callable always follows the same one)."""
+    from sparselab.evaluation.kernel_bench import interleaved
+
+    log = []
+    fns = {n: (lambda n=n: log.append(n)) for n in "abcd"}
+    out = interleaved(fns, 20, warmup=1, shuffle_seed=0)
+    assert {n: len(v) for n, v in out.items()} == dict.fromkeys("abcd", 20)
+    reps = [tuple(log[4 + 4 * r: 8 + 4 * r]) for r in range(20)]
+    assert all(sorted(r) == list("abcd") for r in reps)
+    # which callable runs right before "b": with rotation it is "a" in 3 reps of 4
+    before_b = {r[r.index("b") - 1] for r in reps if r.index("b") > 0}
+    assert len(before_b) == 3

@@ -125,23 +125,15 @@ cdef extern from "csrc/sl_act.h":
 # csrc/sl_kernels.h). Both are four rows, so the distance is set in bytes: about PF_BYTES
 # ahead, at least one and at most PF_MAX_AHEAD pairs; on 3B shapes 4 pairs of fp32 rows
 # (48 KiB a pair), 8 of bf16, 16 of int8. experiments/bench_prefetch.py with the weights on
-# 2 MiB pages (3B shapes, every format, 1 and 2 threads): against the 96 KiB chosen on
-# 4 KiB pages, 1.01-1.55x at 10 % density (bf16 and fp32 most) and 0.93-1.11x at 30-50 %
-# (median 1.00); four times as far (384 KiB, int8 32 pairs) lost a little for int8.
+# 2 MiB pages (3B shapes, every format, 1 and 2 threads, settings in a new random order
+# every repeat): each fixed distance from 1 to 16 pairs times 0.98-1.00x of this one at
+# the median of the cells (single cells 0.85-1.09x), 32 pairs a little slower; against no
+# prefetch it gains most for int8 (1.06-1.99x) and bf16 (1.01-1.35x), fp32 0.98-1.12x.
 cdef enum:
     PF_BYTES = 192 * 1024
     PF_MAX_AHEAD = 16
 # benchmarks only (_set_prefetch): a fixed number of pairs ahead, 0 = off; -1 = by bytes
 cdef long PF_FIXED = -1
-cdef Py_ssize_t DOWN_PARTS = 2
-
-
-def _set_down_parts(Py_ssize_t k):
-    """Benchmarks only: the down pass's row halves (1 or 2)."""
-    global DOWN_PARTS
-    if k not in (1, 2):
-        raise ValueError("down parts must be 1 or 2")
-    DOWN_PARTS = k
 
 
 def _set_prefetch(long ahead):
@@ -340,8 +332,6 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
     """``oc`` (int8 down_t with column scales, or NULL): y's per-output-channel scales,
     multiplied in by the thread that owns the channel once its down pass is done."""
     cdef float* hb
-    cdef float* y2
-    cdef Py_ssize_t nparts, split, t
     cdef QuantX qx
     cdef QuantX* q = NULL
     cdef uint16_t* xb = NULL
@@ -390,22 +380,7 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
             q = &qx
     # one chunk per thread, 32-float aligned so chunks never share a cache line of y, and
     # a whole number of int8 scale blocks (blocks divide BLOCK, so every pass starts on one)
-    nparts = DOWN_PARTS if n >= 16 else 1
-    split = n if nparts == 1 else (n // 2 + 3) // 4 * 4  # a whole number of groups of 4
-    y2 = NULL
-    if nparts > 1:
-        y2 = <float*>calloc(bsz * h, sizeof(float))
-        if y2 == NULL:
-            free(hb)
-            free(xb)
-            if q != NULL:
-                free(qx.xq)
-                free(qx.xa)
-                free(qx.sx)
-            raise MemoryError("sparse MLP scratch buffer")
-    nchunks = (n_threads + nparts - 1) // nparts
-    if h < 64 * nchunks:
-        nchunks = 1
+    nchunks = n_threads if h >= 64 * n_threads else 1
     align = 32
     if nb > 1 and h // nb > 32:  # int8 blocks of 64 or more
         align = h // nb
@@ -444,42 +419,16 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
             _gate_up_pair(_row(gate, gu_stride, idx, r), _row(gate, gu_stride, idx, r) + up_offset,
                           g1, u1, sc0, sc1, nb, x, xb, bsz, h, act, hb + r * bsz,
                           hb + (r + 1) * bsz, ng0, ng1, up_offset, q)
-        # down: the rows in ``nparts`` halves, each summed into its own y (y, then y2),
-        # and each half's columns in ``nchunks`` chunks; y = y + y2 at the end. A thread
-        # then streams whole rows of half the neurons instead of half of every row (short
-        # int8 / bf16 rows pay per scattered row start): against columns only, two
-        # threads 1.09-1.74x for bf16 and int8, fp32 0.97-1.09x; one thread 0.99-1.28x
-        # (3B shapes, 10-50 %, experiments/bench_down_split.py). nparts depends on n only,
-        # so the sums are the same for any thread count.
-        for t in prange(nparts * nchunks, num_threads=n_threads, schedule='static'):
-            c = t % nchunks
+        for c in prange(nchunks, num_threads=n_threads, schedule='static'):
             c0 = c * chunk
             c1 = c0 + chunk
             if c1 > h:
                 c1 = h
             if c0 < c1:
-                if t < nchunks:
-                    _down_chunk(down, d_stride, idx, split, hb, bsz, h, y, c0, c1, sc, nb, ahead)
-                elif idx != NULL:
-                    _down_chunk(down, d_stride, idx + split, n - split, hb + split * bsz, bsz,
-                                h, y2, c0, c1, sc, nb, ahead)
-                else:
-                    _down_chunk(down + split * d_stride, d_stride, NULL, n - split,
-                                hb + split * bsz, bsz, h, y2, c0, c1,
-                                sc + 3 * nb * split if sc != NULL else NULL, nb, ahead)
-        if nparts > 1 or oc != NULL:
-            for c in prange(nchunks, num_threads=n_threads, schedule='static'):
-                c0 = c * chunk
-                c1 = c0 + chunk
-                if c1 > h:
-                    c1 = h
-                if c0 < c1:
-                    if nparts > 1:
-                        _add_columns(y, y2, bsz, h, c0, c1)
-                    if oc != NULL:
-                        _scale_columns(y, bsz, h, oc, c0, c1)
+                _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1, sc, nb, ahead)
+                if oc != NULL:
+                    _scale_columns(y, bsz, h, oc, c0, c1)
     free(hb)
-    free(y2)
     if xb != NULL:
         free(xb)
     if q != NULL:
@@ -487,14 +436,6 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
         free(qx.xa)
         free(qx.sx)
     return 0
-
-
-cdef inline void _add_columns(float* y, const float* y2, Py_ssize_t bsz, Py_ssize_t h,
-                              Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
-    cdef Py_ssize_t b, k
-    for b in range(bsz):
-        for k in range(c0, c1):
-            y[b * h + k] += y2[b * h + k]
 
 
 cdef inline void _scale_columns(float* y, Py_ssize_t bsz, Py_ssize_t h, const float* oc,

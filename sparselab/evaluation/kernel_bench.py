@@ -33,16 +33,24 @@ CHURNS = (0.01, 0.05, 0.1, 0.3)
 TARGET_SHAPE = "llama3.2-3b"
 
 
-def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
-    """Time every callable ``reps`` times, rotating their order each rep -> ns arrays."""
+def interleaved(fns: dict, reps: int, warmup: int = 2, shuffle_seed: int | None = None) -> dict:
+    """Time every callable ``reps`` times, rotating their order each rep -> ns arrays.
+
+    Rotation keeps each callable's neighbours: one that always runs right after another
+    on the same weights finds them warmer (measured: 2-5 % at two threads, also for an fp32
+    kernel a knob does not touch). ``shuffle_seed``: a new random order every rep instead,
+    for A/Bs of settings of one kernel on the same weights."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
     out = {n: [] for n in names}
+    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
     for r in range(reps):
         k = r % len(names)
-        for n in names[k:] + names[:k]:
+        order = (names[k:] + names[:k] if rng is None
+                 else [names[i] for i in rng.permutation(len(names))])
+        for n in order:
             t0 = time.perf_counter_ns()
             fns[n]()
             out[n].append(time.perf_counter_ns() - t0)
@@ -323,7 +331,8 @@ def bench_ceiling(rows: Rows, shape_name, reps, rng, density: float = 0.3, batch
 def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, values, default,
                column: str, seed: int = 0) -> list[dict]:
     """Both kernels on every format in ``formats`` with a kernel knob at each of ``values``,
-    all interleaved in one loop per (threads, density): every call sets the knob
+    all interleaved in one loop per (threads, density), in a new random order every rep:
+    every call sets the knob
     (``set_knob(value)``, e.g. ``_fast._mlp._set_prefetch``), then runs its kernel, so the
     settings are timed rep by rep in rotation. The knob is set back to ``default`` at the
     end, also on errors. Rows: shape, threads, density, format, kernel, ``column`` (the
@@ -345,7 +354,9 @@ def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, val
             for dens in densities:
                 mask = random_mask(inter, dens, rng)
                 fns = _knob_fns(fw, formats, x32, mask, np.flatnonzero(mask), nt, set_knob, values)
-                for (f, kernel, value), ns in interleaved(fns, reps).items():
+                # a random order every rep: with rotation the second setting always follows
+                # the first on the same weights and runs warmer
+                for (f, kernel, value), ns in interleaved(fns, reps, shuffle_seed=seed).items():
                     med, q1, q3 = stats_ms(ns)
                     rows.append({"shape": shape, "threads": nt, "density": dens, "format": f,
                                  "kernel": kernel, column: value, "median_ms": med, "q1_ms": q1,
