@@ -2,6 +2,7 @@
 embedded model, dense, held out.
 
     python experiments/quality_int8_scales.py     # ~1.5 min on 2 cores
+    python experiments/quality_int8_scales.py --model gemma3-270m   # the second embedded model
 
 Each variant quantizes every layer's gate, up and down_t with ``quantize_int8`` (per-row
 scales, optionally ``col_scales=True`` on some of the three) and copies the dequantized
@@ -10,11 +11,13 @@ tests/test_fast_int8.py). Scored against fp32 dense on the corpus tail (quality_
 texts and scoring): perplexity and mean KL(fp32 dense || variant) per token. The kernels
 take column scales on down_t only (``sl.sparsify(weights="int8_rowcol")``): on gate and up
 they would have to scale x per matrix; this measures whether that would pay.
-Writes experiments/results/quality_int8_scales.{csv,md}.
+Writes experiments/results/quality_int8_scales.{csv,md} (``--model``: an embedded model's
+name, then quality_int8_scales_<name>.{csv,md}).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -47,9 +50,13 @@ def quantized(w: torch.Tensor, how) -> torch.Tensor:
     return quantize_int8(w, how).dequantize()
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="an embedded model (default: SmolLM2-135M)")
+    args = ap.parse_args(argv)
+    stem = "quality_int8_scales" + (f"_{args.model}" if args.model else "")
     t0 = time.perf_counter()
-    model, tok = sl.load_model()
+    model, tok = sl.load_model(args.model)
     texts = sl.load_corpus()[-8:]
     ids_list = [tok(t, return_tensors="pt", truncation=True, max_length=256).input_ids
                 for t in texts]
@@ -78,19 +85,21 @@ def main():
         print(f"{name}: {rows[-1]['ppl_vs_fp32_dense_pct']:+.2f} %, KL {kl:.4f}", flush=True)
     df = pd.DataFrame(rows)
     RESULTS.mkdir(exist_ok=True)
-    df.to_csv(RESULTS / "quality_int8_scales.csv", index=False)
+    df.to_csv(RESULTS / f"{stem}.csv", index=False)
     n_tok = sum(i.shape[1] - 1 for i in ids_list)
-    lines = ["# int8 scales per row and per column: quality on the embedded model", "",
+    lines = [f"# int8 scales per row and per column: quality on {type(model).__name__} "
+             f"({args.model or 'the default embedded model'})", "",
              f"- texts: {len(ids_list)} held-out corpus passages (the corpus tail), {n_tok} "
              "scored tokens, teacher-forced; KL(fp32 dense || variant) per token; fp32 dense "
              f"perplexity {base:.3f}",
              f"- versions: {json.dumps(versions(), default=str)}",
-             "- command: `python experiments/quality_int8_scales.py`",
+             "- command: `python experiments/quality_int8_scales.py"
+             + (f" --model {args.model}`" if args.model else "`"),
              f"- wall time: {time.perf_counter() - t0:.0f} s", "",
              "| int8 scales | perplexity | vs fp32 dense | KL |", "|---|---|---|---|"]
     for r in df.itertuples():
         lines.append(f"| {r.scales} | {r.perplexity:.3f} | {r.ppl_vs_fp32_dense_pct:+.2f} % | {r.kl:.4f} |")
-    (RESULTS / "quality_int8_scales.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
