@@ -338,8 +338,8 @@ def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, val
     end, also on errors. Rows: shape, threads, density, format, kernel, ``column`` (the
     value), median and quartile ms, reps.
 
-        >>> rows = knob_sweep("llama3.2-3b", [0.3], [1], 21, ("float32",), _mlp._set_down_parts,
-        ...                   (1, 2), 2, "parts")
+        >>> rows = knob_sweep("llama3.2-3b", [0.3], [1], 21, ("float32",), _mlp._set_prefetch,
+        ...                   (0, -1), -1, "ahead")
     """
     hidden, inter = SHAPES[shape]
     gen = torch.Generator().manual_seed(seed)
