@@ -37,6 +37,7 @@ from sparselab.evaluation.kernel_bench import (
     format_weights,
     interleaved,
     random_mask,
+    random_mlp,
     run_sweep,
     stats_ms,
 )
@@ -109,9 +110,7 @@ def measure(shape: str, densities, threads, reps: int, seed: int = 0) -> tuple[p
     hidden, inter = SHAPES[shape]
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    copies = two_copies(torch.randn(inter, hidden, generator=gen) / hidden**0.5,
-                        torch.randn(inter, hidden, generator=gen) / hidden**0.5,
-                        torch.randn(hidden, inter, generator=gen) / inter**0.5)
+    copies = two_copies(*random_mlp(shape, gen))
     x32 = torch.randn(1, hidden, generator=gen)
     xs = {f: x32.to(torch.bfloat16) if f == "bfloat16" else x32 for f in FORMATS}
     held = caches(copies, inter)  # before the IndexedMLPs advise anything

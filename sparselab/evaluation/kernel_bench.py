@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from sparselab import _fast
 from sparselab._fast.pages import use_huge_pages
+from sparselab._fast.quant import INT8_FORMATS as QUANT_FORMATS
 from sparselab.evaluation.byte_bound import int8_bytes_per_weight
 
 SHAPES = {"llama3.2-3b": (3072, 8192), "smollm2-135m": (576, 1536)}
@@ -37,9 +38,10 @@ def interleaved(fns: dict, reps: int, warmup: int = 2, shuffle_seed: int | None 
     """Time every callable ``reps`` times, rotating their order each rep -> ns arrays.
 
     Rotation keeps each callable's neighbours: one that always runs right after another
-    on the same weights finds them warmer (measured: 2-5 % at two threads, also for an fp32
-    kernel a knob does not touch). ``shuffle_seed``: a new random order every rep instead,
-    for A/Bs of settings of one kernel on the same weights."""
+    on the same weights finds them warmer (in a scratch A/B, 2-5 % at two threads for an
+    fp32 kernel the knob did not touch, and a change measured 1.09-1.74x faster in rotation
+    and 0.94-1.06x shuffled). ``shuffle_seed``: a new random order every rep instead, for
+    A/Bs of settings of one kernel on the same weights."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -142,9 +144,7 @@ def toggler(cache, m0, m1):
 def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
     for shape_name in shapes:
         hidden, inter = SHAPES[shape_name]
-        g32 = torch.randn(inter, hidden) / hidden**0.5
-        u32 = torch.randn(inter, hidden) / hidden**0.5
-        d32 = torch.randn(hidden, inter) / inter**0.5
+        g32, u32, d32 = random_mlp(shape_name)
         for dtype in dtypes:
             gate, up, down = (t.to(dtype) for t in (g32, u32, d32))
             down_t = down.t().contiguous()
@@ -184,11 +184,22 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
 
 FORMATS = ("float32", "bfloat16", "int8_b32", "int8_b64", "int8_row", "int8_rowcol",
            "int8_b32_x8", "int8_b64_x8", "int8_row_x8")
-# the int8 formats: quantize_mlp_int8's arguments (a float32 scale per block of this many
-# weights, or per row; "int8_rowcol": per row, down also per output channel); "_x8": the
-# same weights with x rounded to int8 for gate and up (integer dot products)
-INT8_FORMATS = {"int8_b32": {"block": 32}, "int8_b64": {"block": 64}, "int8_row": {"block": None},
-                "int8_rowcol": {"block": None, "down_col_scales": True}}
+# the int8 formats: the benchmark's names (those of its result files) for
+# sl.sparsify(weights=...)'s formats (quant.INT8_FORMATS: quantize_mlp_int8's arguments);
+# "_x8": the same weights with x rounded to int8 for gate and up (integer dot products)
+INT8_FORMATS = {bench: QUANT_FORMATS[name] for bench, name in (
+    ("int8_b32", "int8"), ("int8_b64", "int8_b64"), ("int8_row", "int8_rows"),
+    ("int8_rowcol", "int8_rowcol"))}
+
+
+def random_mlp(shape_name: str, generator=None) -> tuple:
+    """Float32 ``(gate [I, H], up [I, H], down [H, I])`` of a :data:`SHAPES` MLP, unit-variance
+    outputs (scaled by 1/sqrt of the input size); ``generator`` a ``torch.Generator`` or None
+    (torch's global one)."""
+    hidden, inter = SHAPES[shape_name]
+    return (torch.randn(inter, hidden, generator=generator) / hidden**0.5,
+            torch.randn(inter, hidden, generator=generator) / hidden**0.5,
+            torch.randn(hidden, inter, generator=generator) / inter**0.5)
 
 
 def bytes_per_weight(fmt: str, row_length: int) -> float:
@@ -228,9 +239,7 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
     from sparselab._fast import isa
 
     hidden, inter = SHAPES[shape_name]
-    g32 = torch.randn(inter, hidden) / hidden**0.5
-    u32 = torch.randn(inter, hidden) / hidden**0.5
-    d32 = torch.randn(hidden, inter) / inter**0.5
+    g32, u32, d32 = random_mlp(shape_name)
     fw = format_weights(g32, u32, d32)
     x32 = torch.randn(1, hidden)
     best = isa.current()
@@ -299,9 +308,7 @@ def bench_ceiling(rows: Rows, shape_name, reps, rng, density: float = 0.3, batch
     instructions limit it. One thread, each format in its own loop; medians of ``reps``
     calls after a warm-up."""
     hidden, inter = SHAPES[shape_name]
-    g32 = torch.randn(inter, hidden) / hidden**0.5
-    u32 = torch.randn(inter, hidden) / hidden**0.5
-    d32 = torch.randn(hidden, inter) / inter**0.5
+    g32, u32, d32 = random_mlp(shape_name)
     fw = format_weights(g32, u32, d32)
     x32 = torch.randn(batch, hidden)
     idx = np.flatnonzero(random_mask(inter, density, rng))
@@ -344,9 +351,7 @@ def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, val
     hidden, inter = SHAPES[shape]
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    fw = format_weights(torch.randn(inter, hidden, generator=gen) / hidden**0.5,
-                        torch.randn(inter, hidden, generator=gen) / hidden**0.5,
-                        torch.randn(hidden, inter, generator=gen) / inter**0.5)
+    fw = format_weights(*random_mlp(shape, gen))
     x32 = torch.randn(1, hidden, generator=gen)
     rows = []
     try:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from sparselab._fast.quant import quantize_int8
+from sparselab._fast.quant import quantize_mlp_int8
 
 __all__ = ["random_int8_mlp"]
 
@@ -31,8 +31,7 @@ def random_int8_mlp(n: int, h: int, seed: int, block: int | None = None,
     down = torch.randn(h, n, generator=g) * s
     if down_col_scales:
         down[0] *= 20.0
-    qg, qu = (quantize_int8(w, block) for w in (gate, up))
-    qd = quantize_int8(down.t().contiguous(), block, col_scales=down_col_scales)
+    qg, qu, qd = quantize_mlp_int8(gate, up, down.t().contiguous(), block, down_col_scales)
     x = torch.randn(3, h, generator=g)
     x[:, 0] *= outlier
     return qg, qu, qd, x
