@@ -652,3 +652,24 @@ def test_interleaved_shuffle_times_every_call_once_per_rep_in_varying_order():
     # which callable runs right before "b": with rotation it is "a" in 3 reps of 4
     before_b = {r[r.index("b") - 1] for r in reps if r.index("b") > 0}
     assert len(before_b) == 3
+
+
+def test_bench_loops_speedup_is_the_alternatives_median_over_each_rows():
+    """experiments/bench_loops.py on made-up timings: the alternative loop (on == 0) is the
+    reference of each (threads, density, kernel) cell; every knob names a real setter."""
+    spec = importlib.util.spec_from_file_location("bench_loops",
+                                                  ROOT / "experiments" / "bench_loops.py")
+    bl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bl)
+    df = pd.DataFrame([
+        {"threads": 1, "density": 0.3, "kernel": "index_kernel", "on": 0, "median_ms": 3.0},
+        {"threads": 1, "density": 0.3, "kernel": "index_kernel", "on": 1, "median_ms": 2.5},
+        {"threads": 1, "density": 0.3, "kernel": "cache_kernel", "on": 0, "median_ms": 2.0},
+        {"threads": 1, "density": 0.3, "kernel": "cache_kernel", "on": 1, "median_ms": 2.5},
+    ])
+    s = bl.speedups(df).set_index(["kernel", "on"]).speedup_vs_off
+    assert s[("index_kernel", 1)] == 1.2 and s[("index_kernel", 0)] == 1.0
+    assert s[("cache_kernel", 1)] == 0.8
+    from sparselab._fast import isa
+    for setter, fmt, path, _, _ in bl.KNOBS.values():
+        assert callable(setter) and fmt in ("float32", "bfloat16") and path in isa.ISA_NAMES

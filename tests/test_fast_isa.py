@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sparselab import _fast
 from sparselab._fast import isa
-from sparselab.testing.reference import dense_reference
+from sparselab.testing.reference import bf16_rounding_slack, dense_reference
 
 PATHS = isa.supported()
 DTYPES = [torch.float32, torch.bfloat16]
@@ -98,8 +98,12 @@ def test_each_path_matches_float64_reference(path, dtype, n, h, batch, density, 
     gate, up, down, x = weights(n, h, dtype, seed)
     x = x[:batch]
     mask = np.random.default_rng(seed).random(n) < density
-    ref = dense_reference(x, gate, up, down, "silu", mask_bool=mask)
+    # bf16 weights: every path rounds h to bf16 before the down pass, as a bf16 model does
+    bf16 = dtype == torch.bfloat16
+    ref = dense_reference(x, gate, up, down, "silu", mask_bool=mask, h_bf16=bf16)
     bound = 1e-4 * term_scale(x, gate, up, down, mask) + 1e-6
+    if bf16:
+        bound = bound + bf16_rounding_slack(x, gate, up, down, "silu", mask)
     with isa.use(path):
         cache = _fast.WeightCache(gate, up, down)
         cache.update(mask)
@@ -138,3 +142,50 @@ def test_selector_scores_match_float64_on_each_path(path):
     got = torch.zeros(90, dtype=torch.bool)
     got[torch.as_tensor(idx)] = True
     assert torch.equal(got[clear], want[clear])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16_weights_round_h_to_bf16_before_the_down_pass_on_every_path(path):
+    # relu(gate . x) = 1 and up . x = 1 + 3 * 2**-9 (exact in fp32), so h = 1.005859375,
+    # which bf16 (7 fraction bits, steps of 2**-7 near 1) rounds to 1 + 2**-7: a bf16 model
+    # feeds its down projection 1.0078125, and so must the kernels
+    bf = torch.bfloat16
+    x = torch.tensor([[1.0, 1.0]], dtype=bf)
+    gate = torch.tensor([[1.0, 0.0]], dtype=bf)
+    up = torch.tensor([[1.0, 3 * 2.0**-9]], dtype=bf)
+    down = torch.tensor([[1.0], [2.0]], dtype=bf)  # [H, I]
+    want = torch.tensor([[1 + 2.0**-7, 2 + 2.0**-6]])
+    with isa.use(path):
+        y = _fast.sparse_mlp(x, gate, up, down.t().contiguous(), np.array([0]), "relu",
+                             out_dtype=torch.float32)
+        cache = _fast.WeightCache(gate, up, down)
+        cache.update(np.array([True]))
+        yc = cache.forward(x, "relu", out_dtype=torch.float32)
+    assert torch.equal(y, want) and torch.equal(yc, want)
+
+
+@pytest.mark.skipif("avx512bf16" not in PATHS, reason="no AVX512-BF16 on this CPU")
+def test_bf16_down_pass_in_vdpbf16ps_matches_the_widening_loop():
+    # the benchmark knob switches the avx512bf16 path's down pass between vdpbf16ps (two
+    # rows per instruction, y in permuted column groups) and widening FMAs: the same model
+    # (h rounded to bf16 in both), sums in another order, so equal to fp32 rounding; h = 259
+    # leaves a partial column group and 3 threads split the output unevenly
+    from sparselab._fast import _mlp
+
+    gate, up, down, x = weights(301, 259, torch.bfloat16, 9)
+    idx = np.arange(0, 301, 2)
+    dt = down.t().contiguous()
+    ys = {}
+    with isa.use("avx512bf16"):
+        try:
+            for on in (0, 1):
+                _mlp._set_bf16_down_dp(on)
+                ys[on] = _fast.sparse_mlp(x, gate, up, dt, idx, "silu", n_threads=3,
+                                          out_dtype=torch.float32)
+        finally:
+            _mlp._set_bf16_down_dp(1)
+    mask = np.zeros(301, dtype=bool)
+    mask[idx] = True
+    bound = 1e-5 * term_scale(x, gate, up, down, mask) + 1e-7
+    assert torch.all((ys[0] - ys[1]).abs().double() <= bound)
+    assert not torch.equal(ys[0], ys[1])  # the knob does switch the loop

@@ -9,7 +9,8 @@ Both kernels run the same two passes over memory, and each byte of weights is re
 
 1. gate/up pass, parallel over pairs of active rows: for two rows at a time, the gate and
    up dot products with every batch row are computed together while the four weight rows
-   stream through cache; the result ``h[row, b] = act(g) * u`` is tiny (n_active x B floats);
+   stream through cache; the result ``h[row, b] = act(g) * u`` is tiny (n_active x B floats;
+   for bf16 weights rounded to bf16, the value a bf16 model feeds its down projection);
 2. down pass, parallel over column chunks of ``y``: every thread streams its chunk of the
    active ``down_t`` rows, four at a time, and accumulates ``h * row`` into its own chunk
    of ``y``. Chunking
@@ -19,7 +20,7 @@ Both kernels run the same two passes over memory, and each byte of weights is re
 Both passes prefetch rows that come next (the pair, the group of four, about 192 KiB on)
 into L2, one line per line they read, so a row's first bytes never wait on memory: rows
 picked by index start a new memory stream at every row, and short rows start them often.
-At 30-50 % on the 3B shapes that made bf16 ~1.4-1.6x, int8 ~1.6-2.4x and fp32 ~1.0-1.2x
+At 30-50 % on the 3B shapes that made bf16 1.01-1.35x, int8 1.17-1.99x and fp32 0.98-1.07x
 faster than no prefetch (experiments/results/bench_prefetch.md).
 
 Weights are float32, bfloat16 stored as uint16, or int8 with per-row or per-block scales (fused type
@@ -59,6 +60,10 @@ cdef extern from "csrc/sl_kernels.h":
     int sl_needs_xb(int is_bf16) noexcept nogil
     void sl_prefetch_row(const void* p, long nbytes) noexcept nogil
     void sl_prep_xb(const float* x, long n, uint16_t* xb) noexcept nogil
+    int sl_bf16_down_dp
+    int sl_f32_512
+    void sl_bf16_down_finish(float* y, long k0, long k1) noexcept nogil
+    float sl_round_bf16(float f) noexcept nogil
     void sl_dot4_f32(const float* w0, const float* w1, const float* w2, const float* w3,
                      const float* x, long h, float* out,
         const char** nx) noexcept nogil
@@ -143,6 +148,20 @@ def _set_prefetch(long ahead):
     PF_FIXED = ahead
 
 
+def _set_f32_512(bint on):
+    """Benchmarks only: fp32 on AVX-512 CPUs in the 512-bit loops (on, the default) or in
+    the 256-bit ones of the avx2 path (off)."""
+    global sl_f32_512
+    sl_f32_512 = on
+
+
+def _set_bf16_down_dp(bint on):
+    """Benchmarks only: the bf16 down pass on the avx512bf16 path with ``vdpbf16ps`` (on,
+    the default) or with the widening loop of the avx512 path (off)."""
+    global sl_bf16_down_dp
+    sl_bf16_down_dp = on
+
+
 cdef inline Py_ssize_t _prefetch_ahead(Py_ssize_t row_bytes) noexcept nogil:
     """Pairs (groups) ahead to prefetch for rows of ``row_bytes``."""
     cdef Py_ssize_t ahead
@@ -223,11 +242,15 @@ cdef inline void _gate_up_pair(const wtype* g0, const wtype* u0, const wtype* g1
         if wtype is int8_t:
             if nb == 1:
                 out0[b] *= sc0[2]
+        elif wtype is uint16_t:
+            out0[b] = sl_round_bf16(out0[b])
         if two:
             out1[b] = _act(s[2], act) * s[3]
             if wtype is int8_t:
                 if nb == 1:
                     out1[b] *= sc1[2]
+            elif wtype is uint16_t:
+                out1[b] = sl_round_bf16(out1[b])
 
 
 cdef inline const wtype* _row(const wtype* base, Py_ssize_t stride, const int64_t* idx,
@@ -426,6 +449,9 @@ cdef int _run(const wtype* gate, const wtype* up, Py_ssize_t gu_stride,
                 c1 = h
             if c0 < c1:
                 _down_chunk(down, d_stride, idx, n, hb, bsz, h, y, c0, c1, sc, nb, ahead)
+                if wtype is uint16_t:
+                    for r in range(bsz):
+                        sl_bf16_down_finish(y + r * h, c0, c1)
                 if oc != NULL:
                     _scale_columns(y, bsz, h, oc, c0, c1)
     free(hb)

@@ -40,8 +40,9 @@ def interleaved(fns: dict, reps: int, warmup: int = 2, shuffle_seed: int | None 
     Rotation keeps each callable's neighbours: one that always runs right after another
     on the same weights finds them warmer (in a scratch A/B, 2-5 % at two threads for an
     fp32 kernel the knob did not touch, and a change measured 1.09-1.74x faster in rotation
-    and 0.94-1.06x shuffled). ``shuffle_seed``: a new random order every rep instead, for
-    A/Bs of settings of one kernel on the same weights."""
+    and 0.94-1.06x shuffled). ``shuffle_seed``: a new random order every rep instead, which
+    the kernel benchmarks use wherever two calls read the same weights (knob A/Bs, the
+    re-gather and the by-index kernel, the by-index and the dense int8 kernel)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
@@ -159,7 +160,9 @@ def bench_mlp(rows: Rows, shapes, dtypes, threads, densities, reps, rng):
                     cache.update(mask)
 
                     fns = mlp_methods(x, gate, up, down, down_t, idx, idx_t, cache, nt)
-                    t = interleaved(fns, reps)
+                    # shuffled: in rotation the by-index kernel would always follow the
+                    # re-gather, which has just read the same rows
+                    t = interleaved(fns, reps, shuffle_seed=int(rng.integers(2**31)))
                     dense_med = stats_ms(t["dense_torch"])[0]
                     is_target = shape_name == TARGET_SHAPE and dtype == torch.float32 \
                         and nt == 1 and dens in (0.1, 0.3, 0.5)
@@ -281,7 +284,9 @@ def bench_formats(rows: Rows, shape_name, threads, densities, reps, rng, extra_i
                         lambda im=im, xf=xf, idx=idx: im(xf, idx))
                 if f.startswith("int8") and not x8:
                     fns[f"dense_kernel/{f}"] = lambda im=im, xf=xf: im(xf, all_idx)
-            t = interleaved(fns, reps)
+            # shuffled: in rotation the dense int8 kernel would always follow the by-index
+            # kernel on the same weights and find them warmer
+            t = interleaved(fns, reps, shuffle_seed=int(rng.integers(2**31)))
             med = {k: stats_ms(v)[0] for k, v in t.items()}
             for name, ns in t.items():
                 m, q1, q3 = stats_ms(ns)
@@ -336,14 +341,14 @@ def bench_ceiling(rows: Rows, shape_name, reps, rng, density: float = 0.3, batch
 
 
 def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, values, default,
-               column: str, seed: int = 0) -> list[dict]:
+               column: str, seed: int = 0, batch: int = 1) -> list[dict]:
     """Both kernels on every format in ``formats`` with a kernel knob at each of ``values``,
     all interleaved in one loop per (threads, density), in a new random order every rep:
     every call sets the knob
     (``set_knob(value)``, e.g. ``_fast._mlp._set_prefetch``), then runs its kernel, so the
-    settings are timed rep by rep in rotation. The knob is set back to ``default`` at the
-    end, also on errors. Rows: shape, threads, density, format, kernel, ``column`` (the
-    value), median and quartile ms, reps.
+    settings are timed rep by rep. The knob is set back to ``default`` at the
+    end, also on errors. ``batch``: tokens per call. Rows: shape, threads, density, format,
+    kernel, ``column`` (the value), median and quartile ms, reps, batch.
 
         >>> rows = knob_sweep("llama3.2-3b", [0.3], [1], 21, ("float32",), _mlp._set_prefetch,
         ...                   (0, -1), -1, "ahead")
@@ -352,7 +357,7 @@ def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, val
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     fw = format_weights(*random_mlp(shape, gen))
-    x32 = torch.randn(1, hidden, generator=gen)
+    x32 = torch.randn(batch, hidden, generator=gen)
     rows = []
     try:
         for nt in threads:
@@ -365,7 +370,7 @@ def knob_sweep(shape: str, densities, threads, reps: int, formats, set_knob, val
                     med, q1, q3 = stats_ms(ns)
                     rows.append({"shape": shape, "threads": nt, "density": dens, "format": f,
                                  "kernel": kernel, column: value, "median_ms": med, "q1_ms": q1,
-                                 "q3_ms": q3, "reps": reps})
+                                 "q3_ms": q3, "reps": reps, "batch": batch})
                 print(f"threads {nt}, d = {dens}: done", flush=True)
     finally:
         set_knob(default)

@@ -16,7 +16,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["dense_reference", "pack_bits", "popcount", "unpack_bits"]
+__all__ = ["bf16_rounding_slack", "dense_reference", "pack_bits", "popcount", "round_bf16",
+           "unpack_bits"]
 
 WORD_BITS = 64
 
@@ -63,18 +64,24 @@ def _act64(v: torch.Tensor, activation: str) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}; expected silu, gelu_tanh or relu")
 
 
-def dense_reference(x, gate, up, down, activation: str, mask_bool=None) -> torch.Tensor:
-    """``down(act(gate x) * up x)`` in float64 with inactive neurons zeroed: the test oracle.
+def round_bf16(v: torch.Tensor) -> torch.Tensor:
+    """float64 values rounded to the nearest bfloat16 value (ties to even), as float64.
 
-        >>> ref = dense_reference(x, gate, up, down, "silu", mask_bool=m)   # float64
+        >>> round_bf16(torch.tensor([1 + 2**-8, 1 + 3 * 2**-8], dtype=torch.float64))
+        tensor([1.0000, 1.0156], dtype=torch.float64)
 
-    ``gate``/``up`` are ``[I, H]``, ``down`` is ``[H, I]`` (``nn.Linear`` layouts). Returns
-    float64, shaped like x.
+    Rounds once, from float64 (torch's ``.to(torch.bfloat16)`` of a double goes through
+    float32, which can round twice). Normal numbers only, which is what the tests make.
     """
+    m, e = np.frexp(v.numpy())  # v = m * 2**e, 0.5 <= |m| < 1: 8 significant bits kept
+    return torch.from_numpy(np.ldexp(np.rint(np.ldexp(m, 8)), e - 8))
+
+
+def _hidden64(x, gate, up, activation: str, mask_bool=None) -> torch.Tensor:
+    """``act(gate x) * up x`` in float64 ``[B, I]``, inactive neurons zeroed."""
     x64 = torch.as_tensor(x).to(torch.float64)
     g = torch.as_tensor(gate).to(torch.float64)
     u = torch.as_tensor(up).to(torch.float64)
-    d = torch.as_tensor(down).to(torch.float64)
     h = _act64(x64 @ g.T, activation) * (x64 @ u.T)
     if mask_bool is not None:
         m = torch.as_tensor(np.asarray(mask_bool, dtype=bool) if not isinstance(
@@ -82,4 +89,48 @@ def dense_reference(x, gate, up, down, activation: str, mask_bool=None) -> torch
         if m.shape != (g.shape[0],):
             raise ValueError(f"mask_bool has shape {tuple(m.shape)}; expected ({g.shape[0]},)")
         h = h * m.to(torch.float64)
+    return h
+
+
+def bf16_rounding_slack(x, gate, up, down, activation: str, mask_bool=None,
+                        eps: float = 1e-4) -> torch.Tensor:
+    """The extra error to allow against ``dense_reference(..., h_bf16=True)``: a kernel
+    computes h in float32 before rounding it to bf16, so where the exact h lies within
+    float32's error of a rounding midpoint, the kernel may round it the other way, one
+    bf16 step (at most 2^-7 |h|). Returns ``[B, H]`` float64: ``sum_j 2^-7 |h_j| |down[:, j]|``
+    over those terms, with ``eps`` the relative error assumed of float32 dot products.
+
+        >>> bound = 1e-4 * term_scale + bf16_rounding_slack(x, gate, up, down, "silu", m)
+    """
+    x64 = torch.as_tensor(x).to(torch.float64)
+    g = torch.as_tensor(gate).to(torch.float64)
+    u = torch.as_tensor(up).to(torch.float64)
+    v, w = x64 @ g.T, x64 @ u.T
+    # float32's error in h: of the gate dot product, through act (slope <= 1.1), times w,
+    # plus act(v) times that of the up dot product
+    err = eps * (1.1 * (x64.abs() @ g.abs().T) * w.abs()
+                 + _act64(v, activation).abs() * (x64.abs() @ u.abs().T)) + 1e-30
+    h = _hidden64(x, gate, up, activation, mask_bool)
+    _, e = np.frexp(h.numpy())
+    half_step = torch.from_numpy(np.ldexp(1.0, e - 9))  # half a bf16 step at |h|
+    near_midpoint = ((h - round_bf16(h)).abs() - half_step).abs() <= err
+    d = torch.as_tensor(down).to(torch.float64)
+    return (2.0**-7 * h.abs() * near_midpoint) @ d.abs().T
+
+
+def dense_reference(x, gate, up, down, activation: str, mask_bool=None,
+                    h_bf16: bool = False) -> torch.Tensor:
+    """``down(act(gate x) * up x)`` in float64 with inactive neurons zeroed: the test oracle.
+
+        >>> ref = dense_reference(x, gate, up, down, "silu", mask_bool=m)   # float64
+
+    ``gate``/``up`` are ``[I, H]``, ``down`` is ``[H, I]`` (``nn.Linear`` layouts). Returns
+    float64, shaped like x. ``h_bf16``: the hidden activations rounded to bf16 before the
+    down projection, as a bf16 model (and the kernels on bf16 weights) feeds it; allow
+    :func:`bf16_rounding_slack` on top of the usual tolerance.
+    """
+    d = torch.as_tensor(down).to(torch.float64)
+    h = _hidden64(x, gate, up, activation, mask_bool)
+    if h_bf16:
+        h = round_bf16(h)
     return h @ d.T

@@ -16,7 +16,10 @@
  * Weights: float32, bfloat16 (raw uint16 bits; widening is exact: the bits are the high
  * half of a float32) or int8 (the caller applies the per-row scales). x is float32;
  * accumulation is float32. The dpbf16 path reads x rounded to bf16 (round to nearest even,
- * exact when x came from a bf16 model) from `xp`, which sl_prep_x fills once per call.
+ * exact when x came from a bf16 model) from `xp`, which sl_prep_x fills once per call. With
+ * bf16 weights the caller rounds h, the down pass's input, to bf16 on every path (what a
+ * bf16 model feeds its down projection), which lets the dpbf16 path run that pass in
+ * vdpbf16ps too (sl_axpy4_bf16_dp).
  *
  * Determinism: an axpy computes each y element with the same sequence of fused
  * multiply-adds in the vector body and in the tail, so y does not depend on where a
@@ -510,6 +513,56 @@ SL_T_BF16 static void sl_dot4_bf16_dp(const uint16_t* w0, const uint16_t* w1,
     out[0] = _mm512_reduce_add_ps(a0); out[1] = _mm512_reduce_add_ps(a1);
     out[2] = _mm512_reduce_add_ps(a2); out[3] = _mm512_reduce_add_ps(a3);
 }
+
+/* The bf16 down pass with vdpbf16ps. Two rows interleaved word by word (vpunpck{l,h}wd)
+ * pair up with (a0, a1) as one bf16 pair, so one instruction adds both rows' terms to 16
+ * outputs and no weight is widened: half the instructions per byte of weights.
+ * In the kernels, against the widening loop (experiments/bench_loops.py --knob
+ * bf16_down): 1.02-1.10x at 10 % density, where the rows come from L3, 0.97-1.02x at
+ * 30-50 %, where the pass waits on memory, not on the widening.
+ *
+ * The unpacks work within 128-bit lanes, so each whole group of 32 columns (starting at
+ * a multiple of 32 of the row) is kept in y permuted: slots 0-15 hold columns 0-3, 8-11,
+ * 16-19, 24-27 of the group, slots 16-31 columns 4-7, 12-15, 20-23, 28-31.
+ * sl_unpermute_bf16_dp puts them back once the pass is done. The caller's passes start at
+ * multiples of 32; a last partial group (h not a multiple of 32) runs in natural order
+ * with the widening loop's fused multiply-adds. a[] must hold bf16 values (the caller
+ * rounds h), which makes taking their high halves exact. */
+SL_T_BF16 static void sl_axpy4_bf16_dp(float* y, const uint16_t* d0, const uint16_t* d1,
+                                       const uint16_t* d2, const uint16_t* d3, const float* a,
+                                       long k0, long k1, sl_next nx) {
+    uint32_t b[4];
+    memcpy(b, a, sizeof b);
+    __m512bh h01 = (__m512bh)_mm512_set1_epi32((int)((b[0] >> 16) | (b[1] & 0xffff0000u)));
+    __m512bh h23 = (__m512bh)_mm512_set1_epi32((int)((b[2] >> 16) | (b[3] & 0xffff0000u)));
+    long k = k0;
+    for (; k + 32 <= k1; k += 32) {
+        SL_PF4_AT(nx, uint16_t, k);
+        __m512i r0 = _mm512_loadu_si512(d0 + k), r1 = _mm512_loadu_si512(d1 + k);
+        __m512i r2 = _mm512_loadu_si512(d2 + k), r3 = _mm512_loadu_si512(d3 + k);
+        __m512 lo = _mm512_loadu_ps(y + k), hi = _mm512_loadu_ps(y + k + 16);
+        lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_unpacklo_epi16(r0, r1), h01);
+        hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_unpackhi_epi16(r0, r1), h01);
+        lo = _mm512_dpbf16_ps(lo, (__m512bh)_mm512_unpacklo_epi16(r2, r3), h23);
+        hi = _mm512_dpbf16_ps(hi, (__m512bh)_mm512_unpackhi_epi16(r2, r3), h23);
+        _mm512_storeu_ps(y + k, lo);
+        _mm512_storeu_ps(y + k + 16, hi);
+    }
+    if (k < k1) sl_axpy4_bf16_512(y, d0, d1, d2, d3, a, k, k1, nx);
+}
+
+/* the natural column order of the whole 32-column groups in [k0, k1) (k0 a multiple of
+ * 32) of a row that sl_axpy4_bf16_dp accumulated */
+SL_T_BF16 static void sl_unpermute_bf16_dp(float* y, long k0, long k1) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29,
+                                             30, 31);
+    for (long k = k0; k + 32 <= k1; k += 32) {
+        __m512 lo = _mm512_loadu_ps(y + k), hi = _mm512_loadu_ps(y + k + 16);
+        _mm512_storeu_ps(y + k, _mm512_permutex2var_ps(lo, first, hi));
+        _mm512_storeu_ps(y + k + 16, _mm512_permutex2var_ps(lo, second, hi));
+    }
+}
 #endif /* SL_X86 */
 
 /* ---------------------------------------------------------------- dispatch -------- */
@@ -528,13 +581,17 @@ __attribute__((unused)) static void sl_prep_xb(const float* x, long n, uint16_t*
     for (long k = 0; k < n; k++) xb[k] = sl_to_bf16(x[k]);
 }
 
+/* fp32 on AVX-512 CPUs: the 512-bit loops (1), or the 256-bit ones (0, benchmarks only:
+ * _mlp._set_f32_512). On AMD EPYC (Zen 4, which splits 512-bit ops in two) the 512-bit
+ * loops measured 0.99-1.08x, 1.04x at the median, against the 256-bit ones with the order
+ * shuffled (experiments/bench_loops.py --knob f32_width); an earlier note here said the
+ * 256-bit ones were 5-10 % faster, a measurement in a fixed order. */
+static int sl_f32_512 = 1;
 static inline void sl_dot4_f32(const float* w0, const float* w1, const float* w2,
                                const float* w3, const float* x, long h, float* out, sl_next nx) {
 #if SL_X86
-    /* fp32 runs the 256-bit kernels on AVX-512 CPUs too: measured 5-10 % faster than the
-       512-bit ones on AMD EPYC (Zen 4 splits 512-bit ops), the width gcc picks there */
+    if (sl_isa >= SL_AVX512 && sl_f32_512) { sl_dot4_f32_512(w0, w1, w2, w3, x, h, out, nx); return; }
     if (sl_isa >= SL_AVX2) { sl_dot4_f32_avx2(w0, w1, w2, w3, x, h, out, nx); return; }
-    (void)sl_dot4_f32_512;
 #endif
     sl_dot4_f32_c(w0, w1, w2, w3, x, h, out, nx);
 }
@@ -560,15 +617,33 @@ static inline void sl_dot4_i8(const int8_t* w0, const int8_t* w1, const int8_t* 
 static inline void sl_axpy4_f32(float* y, const float* d0, const float* d1, const float* d2,
                                 const float* d3, const float* a, long k0, long k1, sl_next nx) {
 #if SL_X86
+    if (sl_isa >= SL_AVX512 && sl_f32_512) { sl_axpy4_f32_512(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
     if (sl_isa >= SL_AVX2) { sl_axpy4_f32_avx2(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
-    (void)sl_axpy4_f32_512;
 #endif
     sl_axpy4_f32_c(y, d0, d1, d2, d3, a, k0, k1, nx);
 }
+/* benchmarks only (_mlp._set_bf16_down_dp): 0 runs the bf16 down pass with widening FMAs
+ * on the avx512bf16 path too */
+static int sl_bf16_down_dp = 1;
+/* whether the bf16 down pass leaves y's 32-column groups permuted (sl_axpy4_bf16_dp) */
+__attribute__((unused)) static int sl_bf16_down_permutes(void) {
+    return SL_X86 && sl_isa == SL_AVX512BF16 && sl_bf16_down_dp;
+}
+__attribute__((unused)) static void sl_bf16_down_finish(float* y, long k0, long k1) {
+#if SL_X86
+    if (sl_bf16_down_permutes()) sl_unpermute_bf16_dp(y, k0, k1);
+#else
+    (void)y; (void)k0; (void)k1;
+#endif
+}
+/* h as the bf16 value a bf16 model would feed its down projection (round to nearest even) */
+static inline float sl_round_bf16(float f) { return sl_bf16(sl_to_bf16(f)); }
+
 static inline void sl_axpy4_bf16(float* y, const uint16_t* d0, const uint16_t* d1,
                                  const uint16_t* d2, const uint16_t* d3, const float* a,
                                  long k0, long k1, sl_next nx) {
 #if SL_X86
+    if (sl_bf16_down_permutes()) { sl_axpy4_bf16_dp(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
     if (sl_isa >= SL_AVX512) { sl_axpy4_bf16_512(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
     if (sl_isa == SL_AVX2) { sl_axpy4_bf16_avx2(y, d0, d1, d2, d3, a, k0, k1, nx); return; }
 #endif
