@@ -58,6 +58,8 @@ def sparse_mlp(x, gate_weight, up_weight, down_t, active_idx, activation: str,
     :class:`~sparselab._fast.quant.Int8Rows` (``quantize_int8``; ``down_t`` quantized by
     its rows, optionally with a scale per output channel, ``col_scales=True``; then ``x`` is float32 or bfloat16 and ``y`` float32 by default). ``active_idx`` is 1-D
     integer, unique, in ``[0, I)``, any order (sorted is friendlier to the prefetcher).
+    With bf16 weights ``act(gate x) * (up x)`` is rounded to bf16 before the down
+    projection, as a bf16 model computes it; accumulation is float32 throughout.
     """
     # one call: collapsing the weights to huge pages would cost more than it saves
     return IndexedMLP(gate_weight, up_weight, down_t, activation, n_threads,
