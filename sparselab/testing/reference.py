@@ -77,19 +77,19 @@ def round_bf16(v: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.ldexp(np.rint(np.ldexp(m, 8)), e - 8))
 
 
-def _hidden64(x, gate, up, activation: str, mask_bool=None) -> torch.Tensor:
-    """``act(gate x) * up x`` in float64 ``[B, I]``, inactive neurons zeroed."""
-    x64 = torch.as_tensor(x).to(torch.float64)
-    g = torch.as_tensor(gate).to(torch.float64)
-    u = torch.as_tensor(up).to(torch.float64)
-    h = _act64(x64 @ g.T, activation) * (x64 @ u.T)
-    if mask_bool is not None:
-        m = torch.as_tensor(np.asarray(mask_bool, dtype=bool) if not isinstance(
-            mask_bool, torch.Tensor) else mask_bool).to(torch.bool)
-        if m.shape != (g.shape[0],):
-            raise ValueError(f"mask_bool has shape {tuple(m.shape)}; expected ({g.shape[0]},)")
-        h = h * m.to(torch.float64)
-    return h
+def _as64(*ts) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.as_tensor(t).to(torch.float64) for t in ts)
+
+
+def _masked(h: torch.Tensor, mask_bool) -> torch.Tensor:
+    """``h [B, I]`` with the neurons outside ``mask_bool`` (``[I]``, or None: all in) zeroed."""
+    if mask_bool is None:
+        return h
+    m = torch.as_tensor(np.asarray(mask_bool, dtype=bool) if not isinstance(
+        mask_bool, torch.Tensor) else mask_bool).to(torch.bool)
+    if m.shape != (h.shape[-1],):
+        raise ValueError(f"mask_bool has shape {tuple(m.shape)}; expected ({h.shape[-1]},)")
+    return h * m.to(torch.float64)
 
 
 def bf16_rounding_slack(x, gate, up, down, activation: str, mask_bool=None,
@@ -102,19 +102,17 @@ def bf16_rounding_slack(x, gate, up, down, activation: str, mask_bool=None,
 
         >>> bound = 1e-4 * term_scale + bf16_rounding_slack(x, gate, up, down, "silu", m)
     """
-    x64 = torch.as_tensor(x).to(torch.float64)
-    g = torch.as_tensor(gate).to(torch.float64)
-    u = torch.as_tensor(up).to(torch.float64)
+    x64, g, u, d = _as64(x, gate, up, down)
     v, w = x64 @ g.T, x64 @ u.T
+    a = _act64(v, activation)
     # float32's error in h: of the gate dot product, through act (slope <= 1.1), times w,
     # plus act(v) times that of the up dot product
     err = eps * (1.1 * (x64.abs() @ g.abs().T) * w.abs()
-                 + _act64(v, activation).abs() * (x64.abs() @ u.abs().T)) + 1e-30
-    h = _hidden64(x, gate, up, activation, mask_bool)
+                 + a.abs() * (x64.abs() @ u.abs().T)) + 1e-30
+    h = _masked(a * w, mask_bool)
     _, e = np.frexp(h.numpy())
     half_step = torch.from_numpy(np.ldexp(1.0, e - 9))  # half a bf16 step at |h|
     near_midpoint = ((h - round_bf16(h)).abs() - half_step).abs() <= err
-    d = torch.as_tensor(down).to(torch.float64)
     return (2.0**-7 * h.abs() * near_midpoint) @ d.abs().T
 
 
@@ -129,8 +127,8 @@ def dense_reference(x, gate, up, down, activation: str, mask_bool=None,
     down projection, as a bf16 model (and the kernels on bf16 weights) feeds it; allow
     :func:`bf16_rounding_slack` on top of the usual tolerance.
     """
-    d = torch.as_tensor(down).to(torch.float64)
-    h = _hidden64(x, gate, up, activation, mask_bool)
+    x64, g, u, d = _as64(x, gate, up, down)
+    h = _masked(_act64(x64 @ g.T, activation) * (x64 @ u.T), mask_bool)
     if h_bf16:
         h = round_bf16(h)
     return h @ d.T
