@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 __all__ = ["bf16_rounding_slack", "dense_reference", "pack_bits", "popcount", "round_bf16",
-           "unpack_bits"]
+           "term_scale", "unpack_bits"]
 
 WORD_BITS = 64
 
@@ -114,6 +114,18 @@ def bf16_rounding_slack(x, gate, up, down, activation: str, mask_bool=None,
     half_step = torch.from_numpy(np.ldexp(1.0, e - 9))  # half a bf16 step at |h|
     near_midpoint = ((h - round_bf16(h)).abs() - half_step).abs() <= err
     return (2.0**-7 * h.abs() * near_midpoint) @ d.abs().T
+
+
+def term_scale(x, gate, up, down, activation: str, mask_bool=None) -> torch.Tensor:
+    """``sum_j |down[:, j]| |h_j|`` in float64 ``[B, H]``: the size of the terms the down
+    projection sums, so a tolerance relative to it survives cancellation (one relative to
+    y itself would not).
+
+        >>> bound = 1e-4 * term_scale(x, gate, up, down, "silu", m)
+    """
+    x64, g, u, d = _as64(x, gate, up, down)
+    h = _masked(_act64(x64 @ g.T, activation) * (x64 @ u.T), mask_bool)
+    return h.abs() @ d.abs().T
 
 
 def dense_reference(x, gate, up, down, activation: str, mask_bool=None,
